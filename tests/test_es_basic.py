@@ -1,0 +1,109 @@
+"""Properties of rung 1 (es_basic.py): the estimator, the noise, perturb/restore, shaping, a run."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import es_basic as es
+
+
+def quadratic_fitness(params, centers):
+    return -0.5 * sum(((p - c) ** 2).sum().item() for p, c in zip(params, centers))
+
+
+def test_estimate_points_along_analytic_gradient_on_quadratic():
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(5, 4, generator=g), torch.randn(7, generator=g)]
+    centers = [torch.randn(5, 4, generator=g), torch.randn(7, generator=g)]
+    true_grad = torch.cat([(c - p).flatten() for p, c in zip(params, centers)])  # d/dtheta of -0.5||theta-c||^2
+    seeds, sigma = es.member_seeds(0, 1, 2000), 0.05
+    saved = [p.clone() for p in params]
+    fitness = []
+    for s in seeds:
+        es.perturb(params, s, sigma)
+        fitness.append(quadratic_fitness(params, centers))
+        es.restore(params, saved)
+    est = torch.cat([t.flatten() for t in es.es_gradient(params, seeds, es.zscore(np.array(fitness)), sigma)])
+    cosine = torch.nn.functional.cosine_similarity(est, true_grad, dim=0).item()
+    assert cosine > 0.95, cosine
+
+
+def test_perturb_changes_and_restore_is_bit_exact():
+    model = es.make_model(16, seed=0)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    for s in es.member_seeds(3, 7, 25):
+        es.perturb(params, s, 0.37)
+        assert all(not torch.equal(p, b) for p, b in zip(params, before))
+        es.restore(params, before)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_subtracting_noise_back_would_not_be_exact():
+    # Why restore() copies: the naive inverse drifts, which a bit-exact test can see.
+    params = [torch.randn(1000, generator=torch.Generator().manual_seed(0))]
+    before = params[0].clone()
+    es.perturb(params, 5, 0.37)
+    es.perturb(params, 5, -0.37)
+    assert not torch.equal(params[0], before)
+
+
+def test_noise_is_reproducible_and_independent_per_tensor():
+    params = [torch.zeros(64, 64), torch.zeros(64, 64)]
+    a1, b1 = es.sample_eps(params, 42)
+    a2, b2 = es.sample_eps(params, 42)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    corr = np.corrcoef(a1.flatten().numpy(), b1.flatten().numpy())[0, 1]
+    assert abs(corr) < 0.05, "same-shaped tensors must not share a noise stream"
+    assert not torch.equal(es.sample_eps(params, 43)[0], a1)
+
+
+def test_zscore_exact_values_and_all_equal_is_zero():
+    np.testing.assert_allclose(es.zscore(np.array([1.0, 2.0, 3.0])), np.array([-1, 0, 1]) / np.sqrt(2 / 3), rtol=1e-6)
+    z = es.zscore(np.full(6, -3.25))
+    assert np.all(z == 0.0)
+    params = [torch.randn(3, 3)]
+    before = params[0].clone()
+    grad = es.es_gradient(params, es.member_seeds(0, 1, 6), z, 0.1)
+    params[0].add_(0.5 * grad[0])
+    assert torch.equal(params[0], before), "all-equal fitness must give a zero update"
+
+
+def test_member_seeds_depend_on_seed_and_generation():
+    assert np.array_equal(es.member_seeds(0, 1, 8), es.member_seeds(0, 1, 8))
+    assert not np.array_equal(es.member_seeds(0, 1, 8), es.member_seeds(0, 2, 8))
+    assert not np.array_equal(es.member_seeds(0, 1, 8), es.member_seeds(1, 1, 8))
+
+
+@pytest.mark.parametrize("flags", [["--sigma", "0"], ["--population-size", "1"], ["--lr", "-1"], ["--generations", "0"]])
+def test_bad_flags_are_rejected(flags, capsys):
+    with pytest.raises(SystemExit):
+        es.parse_args(flags)
+    assert "must be" in capsys.readouterr().err
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.csv")) as fh:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    flags = ["--generations", "4", "--population-size", "6", "--n-train", "128", "--n-test", "128",
+             "--adam-steps", "0", "--eval-every", "2"]
+    r1 = es.main(flags + ["--out-dir", str(tmp_path / "a")])
+    r2 = es.main(flags + ["--out-dir", str(tmp_path / "b")])
+    r3 = es.main(flags + ["--out-dir", str(tmp_path / "c"), "--seed", "1"])
+    assert read_metrics(r1["run_dir"]) == read_metrics(r2["run_dir"])
+    assert read_metrics(r1["run_dir"]) != read_metrics(r3["run_dir"])
+
+
+def test_end_to_end_run_learns_and_writes_its_run_folder(tmp_path):
+    r = es.main(["--generations", "80", "--population-size", "30", "--n-train", "512", "--n-test", "512",
+                 "--adam-steps", "0", "--out-dir", str(tmp_path)])
+    assert r["final_acc"] > r["initial_acc"] + 0.25, (r["initial_acc"], r["final_acc"])
+    assert r["rows"][-1]["train_loss"] < 0.8 * r["rows"][0]["train_loss"]
+    for name in ["args.json", "metrics.csv", "curve.png", "decision_boundary.png", "model.pt"]:
+        assert os.path.getsize(os.path.join(r["run_dir"], name)) > 0
+    assert len(read_metrics(r["run_dir"])) == 80
