@@ -68,7 +68,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -613,7 +612,9 @@ class HFEngine:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.gen_config = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens,
+        # Plain greedy decoding, as in the vLLM engine: unset fields would be filled from the model's
+        # generation_config (Qwen2.5 instruct models ship a repetition penalty, for example).
+        self.gen_config = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
                                            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
 
     @torch.inference_mode()

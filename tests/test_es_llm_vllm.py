@@ -336,6 +336,18 @@ def test_short_conciseness_run_on_a_tiny_model_raises_held_out_reward(counter_di
         assert (run_dir / name).is_file(), name
 
 
+def test_countdown_run_scores_format_and_accuracy(chaotic_dir, tmp_path):
+    run_dir = run_main(chaotic_dir, tmp_path, "--task", "countdown", "--num-train", "3", "--num-test", "5",
+                       "--generations", "1", "--population-size", "2", "--max-new-tokens", "8")
+    rows = read_rows(run_dir)
+    assert [r["generation"] for r in rows] == ["0", "1"]
+    for r in rows:
+        assert 0.0 <= float(r["eval_reward"]) <= 1.1 and float(r["eval_accuracy"]) == 0.0
+        assert float(r["eval_truncated"]) > 0  # 8 tokens cannot hold <think>...</think><answer>...</answer>
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 10 and "Using the numbers" in samples[0]["prompt"]
+
+
 # ---------------------------------------------------------------- vLLM engine (skipped without vllm)
 # Engine start costs ~30 s on 2 cores: one bf16 engine is shared by the module's vLLM tests.
 
