@@ -29,9 +29,10 @@ We maximise fitness (minus the cross-entropy). With z-score shaping s_i, the est
 
 and the einsum contracts members and rank together as one (m x Nr) @ (Nr x n) product: no
 [N, m, n] tensor exists anywhere, in the forward or in the update. Each E_i has rank r, but their
-weighted sum has rank up to min(N r, m, n) (N/2 r with antithetic pairs): with 4096 members and
-128-wide layers, rank-1 noise still gives a full-rank update. With antithetic pairs (members 2k and 2k+1 use +E_k and
--E_k) the sum is taken over the K = N/2 pairs with (s_2k - s_2k+1)/2, which is the same number.
+weighted sum has rank up to min(N r, m, n) (N r / 2 with antithetic pairs): with 4096 members
+and 128-wide layers, rank-1 noise still gives a full-rank update. With antithetic pairs (members
+2k and 2k+1 use +E_k and -E_k) the sum runs over the K = N/2 pairs with (s_2k - s_2k+1)/2 and
+1/(K sigma), which is the same number.
 
 Other codebases scale differently, so learning rates do not transfer. The official EGGROLL code
 (as we read it) hands -sqrt(N) * mean_i(s_i * sigma * E_i) to an optax optimiser as the gradient;
