@@ -31,7 +31,8 @@ writes rounded values of it into the model:
 The master never changes during perturb/restore, and rounding is a pure function, so restore
 is bit-exact after any number of cycles. Small updates also accumulate in the master instead
 of being rounded away in bf16 (bf16 keeps 8 significant bits). Cost: 4 bytes per parameter
-(0.54 GB for SmolLM2-135M, 2 GB for a 0.5B model).
+(0.54 GB for SmolLM2-135M, 2 GB for a 0.5B model). The same code runs in float32 (--dtype auto
+picks float32 on CPUs without bf16 arithmetic, where bf16 is the slower choice).
 
 Noise: tensor t of member seed s comes from torch.Generator seeded with
 SeedSequence([s, t]); tensors are visited in the sorted order of their Hugging Face names, so
@@ -51,10 +52,10 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
 What you should see: held-out conciseness reward (minus the character-length error of the
 answers to 8 unseen prompts) rising from about -195 to about -90 in 12 generations, under 10
 minutes on 2 cores. Answers get shorter; read samples.jsonl to see what they say.
-The paper's Countdown setting on a GPU (not run here):
-    python es_llm_vllm.py --engine vllm --model Qwen/Qwen2.5-0.5B-Instruct --task countdown \
-        --population-size 30 --no-mirrored --sigma 1e-3 --lr 5e-7 --max-new-tokens 1024 \
-        --generations 500 --eval-every 50 --save-every 50
+The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
+    python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \
+        --task countdown --population-size 30 --no-mirrored --sigma 1e-3 --lr 5e-7 \
+        --max-new-tokens 1024 --generations 500 --eval-every 50 --save-every 25
 """
 
 import argparse
