@@ -208,17 +208,18 @@ def auto_dtype(device):
 # ----------------------------------------------------------------------------------------------
 
 # Conciseness (Qiu et al. 2025): answer in as few characters as the target. The two training
-# prompts are the paper's; the held-out prompts follow its style (short factual questions).
+# prompts and the eight held-out prompts are the paper's (conciseness/data/*.jsonl of its code
+# release, github.com/VsonicV/es-fine-tuning-paper and public forks of it).
 CONCISENESS_TRAIN = [("Solve: 3 + 5 =", "8"),
                      ("If all birds can fly and penguins are birds, can penguins fly?", "No")]
 CONCISENESS_TEST = [("What is the capital of France?", "Paris"),
-                    ("Calculate: 12 x 7 =", "84"),
-                    ("What is the chemical symbol for gold?", "Au"),
-                    ("How many legs does a spider have?", "8"),
-                    ("What color do you get by mixing blue and yellow?", "Green"),
-                    ("Is the sun a star?", "Yes"),
-                    ("What is the largest planet in our solar system?", "Jupiter"),
-                    ("Solve: 15 - 9 =", "6")]
+                    ("Calculate: 12 \u00d7 7 =", "84"),
+                    ('Is the statement "All cats are mammals" true or false?', "True"),
+                    ("What comes next in the sequence: 2, 4, 6, 8, ?", "10"),
+                    ('Translate "Hello" to Spanish:', "Hola"),
+                    ("What is 15% of 200?", "30"),
+                    ("Name one primary color:", "Red"),
+                    ("How many days are in a week?", "7")]
 
 
 def conciseness_task(args):
@@ -231,6 +232,12 @@ def conciseness_reward(problem, response):
     """-|len(response) - len(target)| in characters (Qiu et al.); 'correct' = exact answer."""
     answer = response.strip()
     return -abs(len(answer) - len(problem["target"])), answer == problem["target"]
+
+
+def conciseness_scaled(reward):
+    """The scale the paper's conciseness evaluation reports: (reward + 2000) / 2001, so an exact-
+    length answer scores 0.9995 and an answer 2,000 characters off scores 0."""
+    return (reward + 2000) / 2001
 
 
 # Countdown: reach the target with each given number exactly once and + - * / ( ).
@@ -398,6 +405,7 @@ def countdown_reward(problem, response):
 
 TASKS = {"conciseness": (conciseness_task, conciseness_reward),
          "countdown": (countdown_task, countdown_reward)}
+SCALED = {"conciseness": conciseness_scaled}  # a task's reward on the scale its paper reports
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +459,8 @@ def tensor_noise(member_seed, index, like):
     return torch.randn(like.shape, generator=gen, dtype=torch.float32, device=like.device)
 
 
-_POOL = []
+NOISE_THREADS = 0  # threads for the per-tensor weight work: 0 = one per core (at most 8), 1 = a plain loop
+_POOL = {}
 
 
 def _any_core():
@@ -468,10 +477,15 @@ def for_each_tensor(fn, count):
     """fn(0), ..., fn(count-1) on one thread per core. Each tensor has its own noise stream and
     its own slot, so the order does not matter and the result is the same as a plain loop; torch
     releases the GIL, so drawing the noise of 135M weights takes half the time on 2 cores."""
-    if not _POOL:
+    threads = NOISE_THREADS or max(1, min(8, os.cpu_count() or 1))
+    if threads == 1:
+        for i in range(count):
+            fn(i)
+        return
+    if threads not in _POOL:
         from concurrent.futures import ThreadPoolExecutor
-        _POOL.append(ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), initializer=_any_core))
-    for _ in _POOL[0].map(fn, range(count)):
+        _POOL[threads] = ThreadPoolExecutor(threads, initializer=_any_core)
+    for _ in _POOL[threads].map(fn, range(count)):
         pass  # re-raises the first exception of any tensor
 
 
@@ -918,8 +932,9 @@ def run_prompts(engine, tokenizer, problems, ids, reward_fn):
     return results, sum(len(t) for t, _ in completions)
 
 
-def summarize_eval(results):
-    return {"eval_reward": float(np.mean([r["reward"] for r in results])),
+def summarize_eval(results, scale=None):
+    mean = float(np.mean([r["reward"] for r in results]))
+    return {"eval_reward": mean, "eval_reward_scaled": scale(mean) if scale else "",
             "eval_accuracy": float(np.mean([bool(r["correct"]) for r in results])),
             "eval_response_chars": float(np.mean([len(r["response"]) for r in results])),
             "eval_truncated": float(np.mean([r["truncated"] for r in results]))}
@@ -930,7 +945,7 @@ def summarize_eval(results):
 # ----------------------------------------------------------------------------------------------
 
 METRICS = ["generation", "train_reward_mean", "train_reward_std", "train_reward_min", "train_reward_max",
-           "eval_reward", "eval_accuracy", "eval_response_chars", "eval_truncated",
+           "eval_reward", "eval_reward_scaled", "eval_accuracy", "eval_response_chars", "eval_truncated",
            "seconds_generate", "seconds_weights", "seconds_eval", "seconds_total", "train_tokens", "tokens_per_s"]
 
 
@@ -1064,7 +1079,13 @@ def main(argv=None):
                                     "response": r["response"], "reward": r["reward"]}) + "\n")
         for p, r in list(zip(test, results))[:args.show]:
             tqdm.write(f"  [gen {generation}] {p['messages'][-1]['content'][:60]!r} -> {r['response'][:100]!r}")
-        return summarize_eval(results), time.time() - t0
+        return summarize_eval(results, SCALED.get(args.task)), time.time() - t0
+
+    def report(generation, ev):
+        scaled = f" (scaled {ev['eval_reward_scaled']:.4f})" if ev["eval_reward_scaled"] != "" else ""
+        tqdm.write(f"generation {generation}: held-out reward {ev['eval_reward']:.2f}{scaled}, accuracy "
+                   f"{ev['eval_accuracy']:.2f}, length {ev['eval_response_chars']:.0f} chars, "
+                   f"truncated {ev['eval_truncated']:.2f}")
 
     def log(row):
         full = {k: row.get(k, "") for k in METRICS}
@@ -1076,8 +1097,7 @@ def main(argv=None):
     try:
         if start == 0:
             ev, secs = evaluate(0)
-            tqdm.write(f"generation 0: held-out reward {ev['eval_reward']:.2f}, accuracy {ev['eval_accuracy']:.2f}, "
-                       f"length {ev['eval_response_chars']:.0f} chars, truncated {ev['eval_truncated']:.2f}")
+            report(0, ev)
             log({"generation": 0, **ev, "seconds_eval": secs})
         bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
         for generation in bar:
@@ -1121,9 +1141,7 @@ def main(argv=None):
             if generation % args.eval_every == 0 or generation == args.generations:
                 ev, secs = evaluate(generation)
                 row.update(ev, seconds_eval=round(secs, 3))
-                tqdm.write(f"generation {generation}: held-out reward {ev['eval_reward']:.2f}, accuracy "
-                           f"{ev['eval_accuracy']:.2f}, length {ev['eval_response_chars']:.0f} chars, "
-                           f"truncated {ev['eval_truncated']:.2f}")
+                report(generation, ev)
             row["seconds_total"] = round(time.time() - t_start, 3)
             log(row)
             bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",

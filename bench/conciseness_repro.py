@@ -4,7 +4,7 @@ Setting (the paper's, from its conciseness script): two training prompts ("Solve
 "If all birds can fly and penguins are birds, can penguins fly?" -> "No"), reward
 -|len(answer) - len(target)| in characters, greedy decoding of at most 100 new tokens,
 population 30, sigma 1e-3, alpha 5e-4 (their update theta += alpha/N sum_i z_i eps_i, i.e. our
-lr = alpha * sigma = 5e-7) for 1,000 iterations on a GPU. Held-out: es_llm_vllm.py's 8 short
+lr = alpha * sigma = 5e-7) for 1,000 iterations on a GPU. Held-out: the paper's 8 short
 factual prompts. What the paper reports: ES reaches GRPO's reward with a much smaller KL
 divergence from the base model and without reward hacking.
 

@@ -236,6 +236,10 @@ def toy_setup(spec, method, seed):
 
 def lm_setup(spec, method, model_dir, seed):
     import es_llm_vllm as rung5
+    # one thread for the weight work: torch's profiler (the allocator view) records only the thread
+    # it runs on, and the sequential peak is the one to compare (2 threads keep at most one more
+    # tensor's noise alive at once, without mirrored pairs; with them the cache is the same size)
+    rung5.NOISE_THREADS = 1
     prompts, answers = spec["prompts"], spec["answers"]
     if method == "es":
         cfg = json.loads((Path(model_dir) / "config.json").read_text())

@@ -231,6 +231,17 @@ def test_conciseness_reward():
     assert es.conciseness_reward(p, " The capital is Paris. ") == (-16, False)
 
 
+def test_conciseness_scaled_reward_in_the_eval_metrics():
+    assert es.conciseness_scaled(0) == 2000 / 2001 and es.conciseness_scaled(-2000) == 0.0
+    results = [{"reward": -10.0, "correct": False, "response": "x" * 12, "truncated": False},
+               {"reward": -30.0, "correct": True, "response": "y" * 35, "truncated": True}]
+    ev = es.summarize_eval(results, es.SCALED["conciseness"])
+    assert ev["eval_reward"] == -20.0 and ev["eval_reward_scaled"] == (2000 - 20) / 2001
+    assert ev["eval_accuracy"] == 0.5 and ev["eval_truncated"] == 0.5
+    assert es.summarize_eval(results)["eval_reward_scaled"] == ""  # countdown has no scaled reward
+    assert set(ev) <= set(es.METRICS)
+
+
 # ---------------------------------------------------------------- models, flags, messages
 
 def test_bad_flags_and_missing_model_give_one_clear_message(tmp_path, capsys):
