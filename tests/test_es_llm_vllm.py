@@ -151,8 +151,11 @@ def test_countdown_generator_is_deterministic_and_solvable():
     assert len(keys) == 300  # train and test never share a problem
     for p in a:
         assert 3 <= len(p["numbers"]) <= 4 and all(1 <= n <= 99 for n in p["numbers"])
-        assert 1 <= p["target"] <= 999
         assert es.check_countdown_answer(p["solution"], p["numbers"], p["target"]), p
+    # a varied set, not a few easy cases: both sizes, many targets, some beyond any single number
+    assert {len(p["numbers"]) for p in a} == {3, 4}
+    assert len({p["target"] for p in a}) > 150
+    assert sum(p["target"] > 99 for p in a) > 30 and sum(p["target"] not in p["numbers"] for p in a) > 250
 
     args = es.parse_args(["--task", "countdown", "--num-train", "20", "--num-test", "50"])
     train, test = es.countdown_task(args)
