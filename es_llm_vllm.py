@@ -500,20 +500,24 @@ def init_master(slots, tensors=None):
     return [tensors[name].to(device=t.device, dtype=torch.float32).clone() for name, t in slots]
 
 
+def noise_for(member_seed, index, like, noise_cache=None):
+    """eps of one tensor, kept in `noise_cache` (a dict) while the cache belongs to this seed, so
+    the mirrored partner (-eps) and the update do not draw it again."""
+    if noise_cache is None or noise_cache.get("seed") != member_seed:
+        return tensor_noise(member_seed, index, like)
+    if noise_cache["eps"][index] is None:
+        noise_cache["eps"][index] = tensor_noise(member_seed, index, like)
+    return noise_cache["eps"][index]
+
+
 def perturb(slots, master, member_seed, scale, noise_cache=None):
-    """Write w = round(master + scale * eps) into every slot. `noise_cache` (a dict) keeps the
-    last seed's noise so the mirrored partner (-eps) does not draw it again."""
+    """Write w = round(master + scale * eps) into every slot; a new seed takes over the cache."""
     if noise_cache is not None and noise_cache.get("seed") != member_seed:
         noise_cache.clear()
         noise_cache.update(seed=member_seed, eps=[None] * len(master))
 
     def one(i):
-        if noise_cache is None:
-            eps = tensor_noise(member_seed, i, master[i])
-        else:
-            if noise_cache["eps"][i] is None:
-                noise_cache["eps"][i] = tensor_noise(member_seed, i, master[i])
-            eps = noise_cache["eps"][i]
+        eps = noise_for(member_seed, i, master[i], noise_cache)
         torch.add(master[i], eps, alpha=scale, out=slots[i][1])  # computed in float32, rounded once
     for_each_tensor(one, len(master))
 
@@ -530,11 +534,7 @@ def apply_update(slots, master, coeffs, step, noise_cache=None):
 
     def one(i):
         for s, c in coeffs:  # same seed order for every tensor: deterministic
-            if noise_cache is not None and noise_cache.get("seed") == s and noise_cache["eps"][i] is not None:
-                eps = noise_cache["eps"][i]
-            else:
-                eps = tensor_noise(s, i, master[i])
-            master[i].add_(eps, alpha=step * c)
+            master[i].add_(noise_for(s, i, master[i], noise_cache), alpha=step * c)
         slots[i][1].copy_(master[i])
     for_each_tensor(one, len(master))
 
