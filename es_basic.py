@@ -10,7 +10,7 @@ the training set, so no backward pass is ever run.
 
     eps_i ~ N(0, I)                                  one noise vector per population member
     f_i   = fitness(theta + sigma * eps_i)            evaluate the perturbed model
-    s_i   = (f_i - mean(f)) / (std(f) + 1e-8)         z-score fitness shaping
+    s_i   = (f_i - mean(f)) / (std(f) + 1e-8)         z-score fitness shaping (exactly 0 if all f_i are equal)
     g     = 1 / (N * sigma) * sum_i s_i * eps_i        Monte-Carlo estimate of the gradient of
                                                       the Gaussian-smoothed fitness
     theta <- theta + lr * g                           gradient *ascent*
@@ -27,9 +27,10 @@ The toy task: points in the square [-1.5, 1.5]^2, three classes by distance from
 linear baseline), a 2-32-32-3 tanh MLP does.
 
 Run:   python es_basic.py
-See:   the held-out accuracy climbs from ~25% to about 93% in 500 generations
-       (25,000 forward passes, about 30 s on a 2-core CPU); the script then trains
-       the same network with Adam for comparison. Plots and metrics go to runs/es_basic__<seed>__<time>/.
+See:   the held-out accuracy climbs from ~25% to about 93% in 500 generations (93.1% with seed 0,
+       89.9-93.9% over seeds 0-4; 25,000 forward passes, about 25 s on a 2-core CPU); the script then
+       trains the same network with Adam for comparison (90% after 23-37 steps). Plots and metrics go
+       to runs/es_basic__<seed>__<time>/.
 """
 
 import argparse
@@ -162,8 +163,12 @@ def restore(params, saved) -> None:
 
 
 def zscore(fitness: np.ndarray) -> np.ndarray:
-    """(f - mean) / (std + 1e-8): all-equal fitness gives exactly zero, never NaN."""
+    """(f - mean) / (std + 1e-8), and exactly zero when all fitness values are equal (never NaN).
+    The equal case is checked, not left to the formula: the mean of N equal values can miss them
+    in the last bit (mean([0.1] * 3) != 0.1), and that 1e-17 divided by 1e-8 is not zero."""
     fitness = np.asarray(fitness, dtype=np.float64)
+    if np.all(fitness == fitness[0]):
+        return np.zeros_like(fitness)
     return (fitness - fitness.mean()) / (fitness.std() + 1e-8)
 
 

@@ -107,3 +107,61 @@ def test_end_to_end_run_learns_and_writes_its_run_folder(tmp_path):
     for name in ["args.json", "metrics.csv", "curve.png", "decision_boundary.png", "model.pt"]:
         assert os.path.getsize(os.path.join(r["run_dir"], name)) > 0
     assert len(read_metrics(r["run_dir"])) == 80
+
+
+def test_zscore_all_equal_is_exactly_zero_for_values_that_are_not_binary_fractions():
+    # mean([0.1] * 3) misses 0.1 in the last bit; (f - mean) / (std + 1e-8) alone gave 1.4e-9
+    for values in ([0.1] * 3, [1.1] * 30, [-0.7] * 50, [1e6 / 3] * 7):
+        z = es.zscore(np.array(values))
+        assert np.all(z == 0.0), (values[0], z.max())
+    params = [torch.randn(4, 4)]
+    grad = es.es_gradient(params, es.member_seeds(0, 1, 30), es.zscore(np.full(30, 1.1)), 0.1)
+    assert torch.count_nonzero(grad[0]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle: whole generations of es_basic.main recomputed here from the docstring's formulas, with
+# the noise rebuilt from the seeds by hand, compared elementwise with the weights main() saved.
+# A wrong factor, a sign, or a skipped step anywhere in the script's update makes them differ.
+# ---------------------------------------------------------------------------------------------
+def oracle_member_seeds(seed, generation, n):
+    return np.random.default_rng([seed, generation]).integers(0, 2**31 - 1, size=n)
+
+
+def oracle_eps(shapes, member_seed):
+    """eps of tensor k of a member: torch.randn from a generator seeded by SeedSequence([seed, k])."""
+    out = []
+    for k, shape in enumerate(shapes):
+        state = int(np.random.SeedSequence([int(member_seed), k]).generate_state(1)[0])
+        out.append(torch.randn(shape, generator=torch.Generator().manual_seed(state)))
+    return out
+
+
+def oracle_fitness(theta, x, y):
+    """-cross-entropy of the 2-h-h-3 tanh MLP with weights theta = [W1, b1, W2, b2, W3, b3]."""
+    W1, b1, W2, b2, W3, b3 = theta
+    h = torch.tanh(torch.nn.functional.linear(x, W1, b1))
+    h = torch.tanh(torch.nn.functional.linear(h, W2, b2))
+    return -torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, W3, b3), y).item()
+
+
+def test_oracle_generations_of_main_match_the_docstring_formula(tmp_path):
+    seed, N, sigma, lr, hidden, generations = 3, 7, 0.07, 0.15, 5, 2
+    r = es.main(["--seed", str(seed), "--population-size", str(N), "--sigma", str(sigma), "--lr", str(lr),
+                 "--hidden", str(hidden), "--generations", str(generations), "--n-train", "96", "--n-test", "32",
+                 "--adam-steps", "0", "--out-dir", str(tmp_path)])
+    x, y = es.make_rings(96, seed=seed)
+    theta = [p.detach().clone() for p in es.make_model(hidden, seed).parameters()]
+    start = [t.clone() for t in theta]
+    for gen in range(1, generations + 1):
+        seeds = oracle_member_seeds(seed, gen, N)
+        eps = [oracle_eps([t.shape for t in theta], s) for s in seeds]
+        f = np.array([oracle_fitness([t + sigma * e for t, e in zip(theta, eps_i)], x, y) for eps_i in eps])
+        z = (f - f.mean()) / (f.std() + 1e-8)  # z-score
+        g = [sum(z[i] * eps[i][k].double() for i in range(N)) / (N * sigma) for k in range(len(theta))]  # 1/(N sigma)
+        theta = [(t.double() + lr * gk).float() for t, gk in zip(theta, g)]  # theta + lr * g
+    saved = torch.load(os.path.join(r["run_dir"], "model.pt"))
+    for got, want, old in zip(saved.values(), theta, start):
+        step = (want - old).abs().max().item()
+        assert step > 1e-2  # the update is large against the tolerance
+        assert (got - want).abs().max().item() < 3e-5 * step + 1e-7, ((got - want).abs().max(), step)
