@@ -251,3 +251,132 @@ def test_end_to_end_run_beats_the_frozen_base_and_changes_only_adapters(tmp_path
         assert os.path.getsize(os.path.join(r["run_dir"], name)) > 0
     with open(os.path.join(r["run_dir"], "metrics.csv")) as fh:
         assert len(fh.readlines()) == 1 + 2 * 40  # header + both methods
+
+
+def test_all_equal_fitness_is_exactly_zero_for_values_that_are_not_binary_fractions():
+    # mean([0.1] * 3) misses 0.1 in the last bit; (f - mean) / (std + 1e-8) alone gave 1.4e-9
+    for values in ([0.1] * 3, [1.1] * 30, [-0.7] * 50, [1e6 / 3] * 7):
+        for shape in (es.zscore, es.centered_ranks):
+            assert np.all(shape(np.array(values)) == 0.0), (shape.__name__, values[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle: whole generations of es_lora.main, for every method it runs, recomputed here from the
+# docstring's formulas (alternation, s_k = sigma / ((alpha/r) ||other||_F), g_k = 1/(P s_k) sum_j
+# w_j eps_jk, theta_k += lr (s_k/sigma)^2 g_k), with the initial adapters and the noise rebuilt by
+# hand, compared elementwise with the tensors main() returns.
+# ---------------------------------------------------------------------------------------------
+def oracle_member_seeds(seed, generation, n):
+    return np.random.default_rng([seed, generation]).integers(0, 2**31 - 1, size=n)
+
+
+def oracle_eps(tensors, member_seed):
+    """eps of tensor k of the evolved list: torch.randn from a generator seeded by SeedSequence([seed, k])."""
+    out = []
+    for k, t in enumerate(tensors):
+        state = int(np.random.SeedSequence([int(member_seed), k]).generate_state(1)[0])
+        out.append(torch.randn(t.shape, generator=torch.Generator().manual_seed(state)))
+    return out
+
+
+def oracle_shape(f, shaping):
+    if shaping == "zscore":
+        return (f - f.mean()) / (f.std() + 1e-8)
+    return np.argsort(np.argsort(f)) / (len(f) - 1) - 0.5  # centered ranks (no ties here)
+
+
+def oracle_fitness(linears, lora, x, y, scale):
+    """-cross-entropy of the base with W x + b + scale * (x A^T) B^T on the layers in `lora` {k: (A, B)}."""
+    h = x
+    for k, lin in enumerate(linears):
+        out = F.linear(h, lin.weight, lin.bias)
+        if k in lora:
+            A, B = lora[k]
+            out = out + scale * (h @ A.T) @ B.T
+        h = torch.tanh(out) if k < len(linears) - 1 else out
+    return -F.cross_entropy(h, y).item()
+
+
+def oracle_run(kind, base, x, y, seed, P, gens, sigma, lr, shaping, rank, alpha, layers):
+    """kind: 'normalised', 'plain' (alternating, s = sigma), 'naive' (A and B together) or 'full'."""
+    linears = [m for m in base if isinstance(m, torch.nn.Linear)]
+    scale = alpha / rank
+    if kind == "full":
+        theta = [t.detach().clone() for lin in linears for t in (lin.weight, lin.bias)]
+    else:
+        g = torch.Generator().manual_seed(seed)
+        lora = {}
+        for k in layers:  # A random / sqrt(d_in), B zero, drawn in layer order from one generator
+            d_out, d_in = linears[k].weight.shape
+            lora[k] = [torch.randn(rank, d_in, generator=g) / d_in**0.5, torch.zeros(d_out, rank)]
+    for gen in range(1, gens + 1):
+        if kind == "full":
+            idx, scales = None, [sigma] * len(theta)
+        elif kind == "naive":
+            idx = [(k, f) for k in layers for f in (0, 1)]  # [A0, B0, A1, B1, ...]
+            scales = [sigma] * len(idx)
+        else:
+            f = 1 if gen % 2 == 1 or any(not torch.any(lora[k][1]) for k in layers) else 0  # 1 = B, 0 = A
+            idx = [(k, f) for k in layers]
+            scales = [sigma / (scale * lora[k][1 - f].norm().item()) if kind == "normalised" else sigma for k in layers]
+        current = theta if kind == "full" else [lora[k][f] for k, f in idx]
+        seeds = oracle_member_seeds(seed, gen, P)
+        eps = [oracle_eps(current, s) for s in seeds]
+        fit = []
+        for j in range(P):
+            for sign in (1.0, -1.0):
+                moved = [t + sign * sk * e for t, sk, e in zip(current, scales, eps[j])]
+                if kind == "full":
+                    lin = [torch.nn.Linear(1, 1) for _ in linears]
+                    for m, (W, b) in zip(lin, zip(moved[0::2], moved[1::2])):
+                        m.weight, m.bias = torch.nn.Parameter(W), torch.nn.Parameter(b)
+                    fit.append(oracle_fitness(lin, {}, x, y, scale))
+                else:
+                    trial = {k: list(v) for k, v in lora.items()}
+                    for (k, f), t in zip(idx, moved):
+                        trial[k][f] = t
+                    fit.append(oracle_fitness(linears, trial, x, y, scale))
+        s = oracle_shape(np.array(fit), shaping)
+        w = [(s[2 * j] - s[2 * j + 1]) / 2 for j in range(P)]
+        new = []
+        for i, (t, sk) in enumerate(zip(current, scales)):
+            g_i = sum(w[j] * eps[j][i].double() for j in range(P)) / (P * sk)  # 1/(P s_k)
+            new.append((t.double() + lr * (sk / sigma) ** 2 * g_i).float())  # (s_k/sigma)^2
+        if kind == "full":
+            theta = new
+        else:
+            for (k, f), t in zip(idx, new):
+                lora[k][f] = t
+    return theta if kind == "full" else [t for k in layers for t in lora[k]]
+
+
+@pytest.mark.parametrize("shaping", ["zscore", "centered_rank"])
+def test_oracle_generations_of_main_match_the_docstring_formula(tmp_path, shaping):
+    seed, N, gens, sigma, lr, rank, alpha, full_sigma, full_lr = 2, 8, 3, 0.3, 0.25, 2, 3.0, 0.07, 0.15
+    common = ["--seed", str(seed), "--population-size", str(N), "--generations", str(gens), "--sigma", str(sigma),
+              "--lr", str(lr), "--rank", str(rank), "--alpha", str(alpha), "--layers", "0,2", "--hidden", "6",
+              "--n-train", "96", "--n-test", "32", "--pretrain-steps", "20", "--shaping", shaping,
+              "--full-sigma", str(full_sigma), "--full-lr", str(full_lr), "--eval-every", str(gens)]
+    r1 = es.main(common + ["--naive", "--full-es", "--out-dir", str(tmp_path / "a")])
+    r2 = es.main(common + ["--no-normalise", "--no-full-es", "--out-dir", str(tmp_path / "b")])
+    x, y = es.make_rings(96, seed=seed + 1, center=(0.4, 0.0))  # the new task
+    cases = [("normalised", r1, "LoRA-ES (alternating)", sigma, lr), ("naive", r1, "LoRA-ES (naive)", sigma, lr),
+             ("full", r1, "full ES", full_sigma, full_lr), ("plain", r2, "LoRA-ES (alternating, s = sigma)", sigma, lr)]
+    finals = {}
+    for kind, r, method, sg, step in cases:
+        model = r[method]["model"]
+        if kind == "full":
+            got = [t.detach() for t in model.parameters()]
+        else:
+            got = [t.detach() for m in model if isinstance(m, es.LoRALinear) for t in (m.A, m.B)]
+        want = oracle_run(kind, r["base"], x, y, seed, N // 2, gens, sg, step, shaping, rank, alpha, [0, 2])
+        start = oracle_run(kind, r["base"], x, y, seed, N // 2, 0, sg, step, shaping, rank, alpha, [0, 2])
+        assert len(got) == len(want)
+        for a, b, old in zip(got, want, start):
+            moved = (b - old).abs().max().item()
+            assert moved > 1e-2, (kind, moved)  # every tensor moved, far beyond the tolerance
+            assert (a - b).abs().max().item() < 3e-5 * moved + 1e-7, (kind, (a - b).abs().max().item(), moved)
+        finals[kind] = got
+    # the four methods really differ (so an ignored --naive or --no-normalise cannot pass)
+    for k1, k2 in (("normalised", "naive"), ("normalised", "plain"), ("naive", "plain")):
+        assert any((a - b).abs().max() > 1e-3 for a, b in zip(finals[k1], finals[k2])), (k1, k2)
