@@ -283,8 +283,12 @@ def population_forward(layers, noise, x, sigma: float, rank: int, antithetic: bo
 
 
 def zscore(fitness: np.ndarray) -> np.ndarray:
-    """(f - mean) / (std + 1e-8): all-equal fitness gives exactly zero, never NaN."""
+    """(f - mean) / (std + 1e-8), and exactly zero when all fitness values are equal (never NaN).
+    The equal case is checked, not left to the formula: the mean of N equal values can miss them
+    in the last bit (mean([0.1] * 3) != 0.1), and that 1e-17 divided by 1e-8 is not zero."""
     fitness = np.asarray(fitness, dtype=np.float64)
+    if np.all(fitness == fitness[0]):
+        return np.zeros_like(fitness)
     return (fitness - fitness.mean()) / (fitness.std() + 1e-8)
 
 

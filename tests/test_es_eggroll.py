@@ -130,11 +130,21 @@ def test_no_population_by_matrix_tensor_in_forward_or_update():
 
 @pytest.mark.parametrize("rank", [1, 2, 4, 8, 16])
 def test_entries_of_E_have_unit_variance_and_kurtosis_6_over_r(rank):
-    layers = [(torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))]
-    K = 120_000 // rank  # about 1.1M entries per rank
+    # E exactly as the script applies it, read back from its forward: a layer with W = 0, b = 0 fed
+    # the identity gives member i the rows sigma * E_i[:, j]. No 1/sqrt(r) is written in this test.
+    m = n = 3
+    layers = [(torch.zeros(m, n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64))]
+    K, sigma = 120_000 // rank, 0.5  # about 1.1M entries per rank
     noise = make_noise(layers, K, rank, False, seed=rank)
-    At, Bt = noise[0]
-    e = (torch.einsum("krm,krn->kmn", At, Bt) / math.sqrt(rank)).flatten().numpy()
+    eye = torch.eye(n, dtype=torch.float64).expand(K, n, n)
+    E_fwd = E.eggroll_linear(eye, *layers[0], *noise[0], sigma, rank, antithetic=False).transpose(1, 2) / sigma
+    # the update uses the same E: with one member's shaped fitness 1 and all others 0, g = E_i / (N sigma)
+    for i in (0, 1, K - 1):
+        onehot = np.zeros(K)
+        onehot[i] = 1.0
+        gW, _ = E.es_gradient(noise, onehot, sigma, rank, antithetic=False)[0]
+        assert_close(gW * (K * sigma), E_fwd[i])
+    e = E_fwd.flatten().numpy()
     mean, var = e.mean(), e.var()
     excess_kurtosis = ((e - mean) ** 4).mean() / var**2 - 3
     assert abs(mean) < 0.015
@@ -265,3 +275,93 @@ def test_bad_flags_are_rejected(flags, capsys):
     with pytest.raises(SystemExit):
         E.parse_args(flags)
     assert "error" in capsys.readouterr().err
+
+
+def test_zscore_all_equal_is_exactly_zero_for_values_that_are_not_binary_fractions():
+    # mean([0.1] * 3) misses 0.1 in the last bit; (f - mean) / (std + 1e-8) alone gave 1.4e-9
+    for values in ([0.1] * 4, [1.1] * 32, [-0.7] * 64, [1e6 / 3] * 8):
+        assert np.all(E.zscore(np.array(values)) == 0.0), values[0]
+        assert np.all(E.shape_fitness(np.array(values), 4) == 0.0), values[0]
+    mixed = np.array([1.1] * 4 + [0.3, 0.7, 0.1, 0.9])  # one all-equal group, one not
+    assert np.all(E.shape_fitness(mixed, 4)[:4] == 0.0) and np.all(E.shape_fitness(mixed, 4)[4:] != 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle: whole generations of es_eggroll.main recomputed here the slow way, from the docstring:
+# the table and offsets rebuilt by hand, E_i = A_i B_i^T / sqrt(r) materialised, member i run with
+# W + sign_i sigma E_i (and b + sign_i sigma e_i), z-scored per group, g = 1/(N sigma) sum_i s_i
+# sign_i E_i, theta += lr g; compared elementwise with the weights main() saved.
+# ---------------------------------------------------------------------------------------------
+def oracle_direction(table, offset, k, shapes, rank, evolve_bias):
+    """Direction k's (E, e) per layer from its slice: per layer A^T (r x m), [e (m)], B^T (r x n)."""
+    span = sum(m * (rank + evolve_bias) + n * rank for m, n in shapes)
+    piece, pos, out = table[offset + k * span: offset + (k + 1) * span].double(), 0, []
+    for m, n in shapes:
+        A = piece[pos:pos + rank * m].reshape(rank, m).T  # (m, r)
+        pos += rank * m
+        e = None
+        if evolve_bias:
+            e = piece[pos:pos + m]
+            pos += m
+        B = piece[pos:pos + rank * n].reshape(rank, n).T  # (n, r)
+        pos += rank * n
+        out.append((A @ B.T / math.sqrt(rank), e))  # E = A B^T / sqrt(r)
+    return out, span
+
+
+@pytest.mark.parametrize("N,rank,antithetic,group,freeze,reuse,gens", [
+    (8, 2, True, 4, False, 1, 2),
+    (6, 3, False, 0, False, 2, 3),
+    (8, 1, True, 0, True, 1, 2),
+])
+def test_oracle_generations_of_main_match_the_docstring_formula(tmp_path, N, rank, antithetic, group, freeze,
+                                                                reuse, gens):
+    seed, sigma, lr, hidden, bsz, n_train = 4, 0.05, 0.02, 6, 3, 64
+    flags = ["--seed", str(seed), "--population-size", str(N), "--rank", str(rank), "--sigma", str(sigma),
+             "--lr", str(lr), "--group-size", str(group), "--noise-reuse", str(reuse), "--generations", str(gens),
+             "--hidden", str(hidden), "--batch-size", str(bsz), "--n-train", str(n_train), "--n-test", "32",
+             "--eval-every", str(gens), "--out-dir", str(tmp_path),
+             "--antithetic" if antithetic else "--no-antithetic"] + (["--freeze-nonlora"] if freeze else [])
+    res = E.main(flags)
+    x, y = E.make_rings(n_train, seed=seed)
+    layers = [[m.weight.detach().double(), m.bias.detach().double()] for m in E.make_model(hidden, seed)
+              if isinstance(m, torch.nn.Linear)]
+    start = [t.clone() for pair in layers for t in pair]
+    shapes = [tuple(W.shape) for W, _ in layers]
+    state = int(np.random.SeedSequence([seed, 0x7AB1E]).generate_state(1)[0])
+    table = torch.randn(E.NOISE_TABLE_SIZE, generator=torch.Generator().manual_seed(state))
+    K = N // 2 if antithetic else N
+    groups = N // group if group else 1
+    data_rng = np.random.default_rng([seed, 1])
+    for gen in range(1, gens + 1):
+        _, span = oracle_direction(table, 0, 0, shapes, rank, not freeze)
+        offset = int(np.random.default_rng([seed, gen // reuse]).integers(0, table.numel() - K * span + 1))
+        dirs = [oracle_direction(table, offset, k, shapes, rank, not freeze)[0] for k in range(K)]
+        idx = data_rng.integers(0, n_train, size=(groups, bsz))
+        fitness, members = [], []
+        for i in range(N):
+            k, sign = (i // 2, (1.0, -1.0)[i % 2]) if antithetic else (i, 1.0)
+            rows = idx[i // (N // groups)]
+            h = x[rows].double()
+            for li, ((W, b), (Ek, ek)) in enumerate(zip(layers, dirs[k])):
+                h = h @ (W + sign * sigma * Ek).T + (b if freeze else b + sign * sigma * ek)
+                h = torch.tanh(h) if li < len(layers) - 1 else h
+            fitness.append(-F.cross_entropy(h, y[rows]).item())
+            members.append((k, sign))
+        f = np.array(fitness).reshape(groups, -1)
+        s = ((f - f.mean(1, keepdims=True)) / (f.std(1, keepdims=True) + 1e-8)).flatten()  # z-score per group
+        for li, (W, b) in enumerate(layers):
+            gW = sum(s[i] * sign * dirs[k][li][0] for i, (k, sign) in enumerate(members)) / (N * sigma)
+            layers[li][0] = W + lr * gW
+            if not freeze:
+                gb = sum(s[i] * sign * dirs[k][li][1] for i, (k, sign) in enumerate(members)) / (N * sigma)
+                layers[li][1] = b + lr * gb
+    saved = torch.load(os.path.join(res["run_dir"], "model.pt"))
+    for (name, got), want, old in zip(saved.items(), [t for pair in layers for t in pair], start):
+        moved = (want - old).abs().max().item()
+        if freeze and name.endswith("bias"):
+            assert torch.equal(got.double(), old), name
+            continue
+        assert moved > 1e-2, (name, moved)  # every tensor moved, far beyond the tolerance
+        err = (got.double() - want).abs().max().item()
+        assert err < 5e-5 * moved + 1e-7, (name, err, moved)
