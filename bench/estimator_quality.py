@@ -19,8 +19,8 @@ estimators the rungs really use (es_mirrored.quadratic_estimates / toy_estimates
    (vanilla uses about P = N - 1 after its baseline, mirrored P = N/2).
 
 Run:   python bench/estimator_quality.py
-See:   three tables on the console and in bench/results/estimator_quality.md (about 4 minutes on a
-       2-core CPU, most of it in the toy runs).
+See:   three tables on the console and in bench/results/estimator_quality.md (6 minutes on a 2-core
+       CPU shared with another job, most of it in the toy runs).
 """
 
 import argparse
