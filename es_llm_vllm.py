@@ -369,7 +369,7 @@ def main(argv=None):
         start, model_dir, master_path = support.resume_point(run_dir)
     else:
         try:
-            model_dir = support.resolve_model(args.model, args.cache_dir or support.default_cache_dir())
+            model_dir = support.resolve_model(args.model, args.cache_dir or support.default_cache_dir(), args.dtype)
         except support.ModelNotFound as err:
             raise SystemExit(str(err))
         run_dir = Path(args.out_dir) / f"{SCRIPT}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
@@ -401,7 +401,7 @@ def main(argv=None):
         return {**ev, "seconds_eval": round(time.time() - t0, 3)}
 
     def finish(done):
-        support.save_checkpoint(engine, run_dir, done, model_files, args.dtype)
+        support.save_checkpoint(engine, run_dir, done, model_files, args.dtype, args.checkpoint)
         support.plot_curves(run_dir, log.rows, f"{args.task}, {engine.name}")
 
     done, generation, clock = start, start, support.Stopwatch()
@@ -422,7 +422,7 @@ def main(argv=None):
             bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
                             gen_share=f"{clock['rollout'] / row['seconds_total']:.0%}")
             if args.save_every and generation % args.save_every == 0 and generation < args.generations:
-                support.save_checkpoint(engine, run_dir, generation, model_files, args.dtype)
+                support.save_checkpoint(engine, run_dir, generation, model_files, args.dtype, args.checkpoint, False)
         bar.close()
     except KeyboardInterrupt:
         if clock.inside == "update":  # a half-applied update must not become a checkpoint

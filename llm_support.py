@@ -16,7 +16,7 @@ plumbing that the rungs share, one part after another:
 5. the fast path of the weight work: tensors processed on all cores, and the mirrored pair's
    noise cache (the plain loop is what a rung reads; these make it faster, not different);
 6. checkpoints: Hugging Face folders holding the float32 master;
-7. the run folder: metrics.csv, samples.jsonl, curves.png.
+7. the run folder: metrics.csv, samples.jsonl, curve.png.
 
 Nothing here decides what the noise is, how fitness is shaped or how the update is computed.
 Arrows point one way: rungs import this module, never the reverse; where a helper needs a
@@ -60,6 +60,11 @@ class EngineArgs:
     out_dir: str = field(default="runs", metadata={"help": "Parent folder of the run folder."})
     save_every: int = field(default=4, metadata={"help": "Checkpoint every K generations "
                                                          "(always at the end and on Ctrl-C; 0 = only then).", "min": 0})
+    checkpoint: str = field(default="latest", metadata={
+        "help": "What the run folder keeps: latest (checkpoint/ rewritten every --save-every generations and at the "
+                "end: a float32 HF folder, 517 MB for SmolLM2-135M; --resume continues from it), final (only at the "
+                "end or on Ctrl-C), none (no weights written; the run cannot be resumed).",
+        "choices": ["latest", "final", "none"]})
     resume: str = field(default="", metadata={"help": "Run folder to continue from its checkpoint; flags given "
                                                       "explicitly override its args.json."})
     cache_dir: str = field(default="", metadata={"help": "Where converted .gguf models are cached "
@@ -73,6 +78,10 @@ class EngineArgs:
     vllm_compile: bool = field(default=False, metadata={"help": "vLLM: compiled graphs instead of eager mode "
                                                                 "(faster on a GPU; keep it fixed across --resume)."})
     show: int = field(default=2, metadata={"help": "Answers printed at each evaluation.", "min": 0})
+    vllm_log_level: str = field(default="error", metadata={"help": "vLLM's own console messages: error (only errors, "
+                                                                   "so the script's lines stay readable), warning, info "
+                                                                   "(vLLM's default), debug.",
+                                                           "choices": ["error", "warning", "info", "debug"]})
 
 
 def build_parser(args_class, description):
@@ -183,50 +192,85 @@ def write_hf_folder(folder, config, tokenizer, generation_config, dtype):
     tokenizer.save_pretrained(folder)
 
 
-def convert_gguf(gguf_path, cache_dir):
-    """De-quantise a .gguf once into <cache_dir>/<name>/ (float32 safetensors, HF names)."""
+def convert_gguf(gguf_path, cache_dir, dtype="float32"):
+    """De-quantise a .gguf once into <cache_dir>/<name>/ (float32 safetensors, HF names; 517 MB for
+    SmolLM2-135M), and for another dtype once more into <name>-<dtype>/, so that an engine loads
+    weights already in its own dtype (no cast on loading, no warning per tensor)."""
     gguf_path = Path(gguf_path).resolve()
     target = Path(cache_dir) / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
-    if (target / "model.safetensors").is_file():
+    if not (target / "model.safetensors").is_file():
+        for module in ("gguf", "accelerate"):
+            if importlib.util.find_spec(module) is None:
+                raise ModelNotFound(f"Reading {gguf_path.name} needs the packages gguf and accelerate:\n"
+                                    f"    pip install gguf accelerate")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        print(f"converting {gguf_path.name} once into {target} ...")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        _write_model_folder(target, model.config, tokenizer, model.generation_config,
+                            {n: p.detach().contiguous() for n, p in model.named_parameters()}, "bfloat16")
+    if dtype == "float32":
         return target
-    for module in ("gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            raise ModelNotFound(f"Reading {gguf_path.name} needs the packages gguf and accelerate:\n"
-                                f"    pip install gguf accelerate")
+    typed = target.with_name(f"{target.name}-{dtype}")
+    if not (typed / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        tensors = {n: t.to(TORCH_DTYPES[dtype]) for n, t in load_file(str(target / "model.safetensors")).items()}
+        _write_model_folder(typed, AutoConfig.from_pretrained(target), AutoTokenizer.from_pretrained(target),
+                            GenerationConfig.from_pretrained(target), tensors, dtype)
+    return typed
+
+
+def _write_model_folder(target, config, tokenizer, generation_config, tensors, dtype):
+    """A complete HF folder, written to <target>.tmp and renamed (an interrupted write leaves none)."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    print(f"converting {gguf_path.name} once into {target} ...")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_hf_folder(tmp, model.config, tokenizer, model.generation_config, "bfloat16")
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp / "model.safetensors"),
-              metadata={"format": "pt"})
+    write_hf_folder(tmp, config, tokenizer, generation_config, dtype)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target
 
 
-def resolve_model(model, cache_dir):
-    """A local HF folder or a Hugging Face id that both engines can load."""
+def resolve_model(model, cache_dir, dtype="float32"):
+    """A local HF folder or a Hugging Face id that both engines can load (a .gguf is converted
+    once, into `dtype`). ModelNotFound with one message that says what is wrong."""
     if not model:
         gguf = find_offline_gguf()
         if gguf is None:
             raise ModelNotFound(NO_MODEL_MESSAGE)
-        return str(convert_gguf(gguf, cache_dir))
+        return str(convert_gguf(gguf, cache_dir, dtype))
     path = Path(model).expanduser()
+    offline_hint = ("\nWithout --model the offline SmolLM2-135M-Instruct is used (installed)." if find_offline_gguf()
+                    else "\n" + NO_MODEL_MESSAGE)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelNotFound(f"{model}: no such file.\n" + NO_MODEL_MESSAGE)
-        return str(convert_gguf(path, cache_dir))
+            raise ModelNotFound(f"--model {model}: no such file." + offline_hint)
+        return str(convert_gguf(path, cache_dir, dtype))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"{model}: folder without config.json (not a Hugging Face model folder).")
+            raise ModelNotFound(f"--model {model}: folder without config.json (not a Hugging Face model folder).")
         return str(path)
-    if path.exists() or model.startswith((".", "/", "~")):
-        raise ModelNotFound(f"{model}: not a model folder or .gguf file.\n" + NO_MODEL_MESSAGE)
-    return model  # a Hugging Face id; loading reports if it is not cached and cannot be downloaded
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelNotFound(f"--model {model}: no such model folder or .gguf file." + offline_hint)
+    return hub_model(model, offline_hint)
+
+
+def hub_model(model_id, hint=""):
+    """A Hugging Face id that is in the local cache, or that the Hub answers for within seconds;
+    otherwise ModelNotFound at once (transformers alone would retry for about a minute offline)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return model_id
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise ModelNotFound(f"--model {model_id}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set." + hint)
+    try:
+        HfApi().model_info(model_id, timeout=10)
+    except Exception as err:  # no network, no such repository, gated: all mean "cannot load it here"
+        raise ModelNotFound(f"--model {model_id}: not in the local Hugging Face cache, and the Hub did not serve it "
+                            f"({type(err).__name__}: {str(err)[:120]}). Download it where there is a network "
+                            f"(huggingface-cli download {model_id}) or pass a local folder." + hint)
+    return model_id
 
 
 def load_model_files(model_dir):
@@ -355,6 +399,8 @@ def pick_engine(name):
 def make_llm(model_dir, args, worker_extension, max_model_len):
     """vllm.LLM for ES: greedy-ready, prefix caching off (weights change between calls, so cached
     KV would be stale), the rung's worker extension mixed into the worker."""
+    # vLLM reads its logging level when it is first imported, and its worker processes inherit it
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", getattr(args, "vllm_log_level", "info").upper())
     from vllm import LLM
     on_gpu = torch.cuda.is_available()
     memory = {"gpu_memory_utilization": args.gpu_memory_utilization} if on_gpu else \
@@ -545,8 +591,11 @@ def load_master(slots, path):
     return [tensors[name].to(device=t.device, dtype=torch.float32).clone() for name, t in slots]
 
 
-def save_checkpoint(engine, run_dir, generation, model_files, dtype):
-    """HF folder <run>/checkpoint (written to a temporary folder, then renamed)."""
+def save_checkpoint(engine, run_dir, generation, model_files, dtype, keep="latest", final=True):
+    """HF folder <run>/checkpoint (written to a temporary folder, then renamed), if `keep`
+    (--checkpoint: latest, final or none) asks for one at this point (final: the end or Ctrl-C)."""
+    if keep == "none" or (keep == "final" and not final):
+        return
     tokenizer, config, generation_config = model_files
     final, tmp = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -566,7 +615,7 @@ def resume_point(run_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The run folder: metrics.csv, samples.jsonl, curves.png
+# 7. The run folder: metrics.csv, samples.jsonl, curve.png
 # ----------------------------------------------------------------------------------------------
 
 METRICS = ["generation", "train_reward_mean", "train_reward_std", "train_reward_min", "train_reward_max",
@@ -676,5 +725,5 @@ def plot_curves(run_dir, rows, title):
     ax2.set(xlabel="generation", title="held-out answers")
     ax2.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(Path(run_dir) / "curves.png", dpi=100)
+    fig.savefig(Path(run_dir) / "curve.png", dpi=100)
     plt.close(fig)

@@ -18,6 +18,7 @@ reward of a member, so a new task needs no change to it.
 """
 
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -27,12 +28,29 @@ from fractions import Fraction
 @dataclass
 class TaskArgs:
     """Flags of the tasks (every LLM rung's Args inherits them)."""
-    task: str = field(default="conciseness", metadata={"help": "conciseness or countdown.",
-                                                       "choices": ["conciseness", "countdown"]})
+    task: str = field(default="conciseness", metadata={"help": "conciseness, countdown or wordle (multi-turn).",
+                                                       "choices": ["conciseness", "countdown", "wordle"]})
     num_train: int = field(default=200, metadata={"help": "Countdown: training problems.", "min": 1})
     num_test: int = field(default=2000, metadata={"help": "Countdown: held-out problems.", "min": 1})
-    data_seed: int = field(default=0, metadata={"help": "Countdown: seed of the problem generator "
-                                                        "(fixes the train/test split)."})
+    data_seed: int = field(default=0, metadata={"help": "Countdown: seed of the problem generator; Wordle: "
+                                                        "seed of the secret-word shuffle (either fixes the "
+                                                        "train/test split)."})
+    # Wordle (see WordleTask)
+    wordle_train: int = field(default=200, metadata={"help": "Wordle: training games (secret words).", "min": 1})
+    wordle_test: int = field(default=100, metadata={"help": "Wordle: held-out games (other secret words).",
+                                                    "min": 1})
+    wordle_turns: int = field(default=6, metadata={"help": "Wordle: guesses per game, T. Reward of a game: "
+                                                   "1 + (T - n)/T if solved at guess n, else --wordle-info-weight "
+                                                   "x the mean over its T turns of (greens + yellows/2)/5; minus "
+                                                   "--wordle-invalid-penalty per invalid turn.", "min": 1})
+    wordle_invalid_penalty: float = field(default=0.1, metadata={
+        "help": "Wordle: reward lost per invalid turn (no <guess>word</guess>, not 5 letters a-z, not in the word "
+                "list, a repeated guess); an invalid turn also uses up a guess.", "min": 0})
+    wordle_info_weight: float = field(default=0.5, metadata={
+        "help": "Wordle: weight of the information credit of an unsolved game (below 1.25, a solved game "
+                "outscores every unsolved one with as many invalid turns).", "min": 0})
+    wordle_prefix: str = field(default="<guess>", metadata={
+        "help": "Wordle: text every answer starts with ('' lets the model write before its tag)."})
 
 
 @dataclass
@@ -281,4 +299,266 @@ def countdown_reward(problem, response):
     return 0.1 * countdown_format_score("<think>" + response) + float(correct), correct
 
 
-TASKS = {"conciseness": conciseness_task, "countdown": countdown_task}
+# ----------------------------------------------------------------------------------------------
+# Wordle: the multi-turn task. A game is a secret 5-letter word and at most 6 guesses; the model
+# sees its earlier guesses and their feedback in the conversation, and the reward comes only when
+# the game ends. Words: data/wordle_words.txt (SCOWL words ranked by wordfreq frequency; its header
+# gives origin and licence): 1000 common words that can be secrets, 4553 words accepted as guesses.
+WORDLE_WORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wordle_words.txt")
+WORDLE_RULES = ("Let's play Wordle. Guess my secret 5-letter English word in at most {turns} tries. After "
+                "each guess I show one mark per letter: G = right letter, right place; Y = in the word, "
+                "wrong place; - = not in the word. Reply with your guess only, in this format: "
+                "<guess>crane</guess>")  # "crane" is left out of the secrets: copying it never wins
+WORDLE_NO_TAG = "no <guess>...</guess>"
+WORDLE_NOT_LETTERS = "a guess is 5 letters a-z"
+WORDLE_NOT_A_WORD = "not in my word list"
+WORDLE_REPEATED = "you guessed it before"
+WORDLE_ECHO_CHARS = 40  # an invalid answer is shown back to the model cut to this many characters
+
+
+def load_wordle_words(path=WORDLE_WORDS):
+    """(secrets, guesses): the file's [secrets] words in file order (most frequent first) and the
+    frozenset of every valid guess (both sections). '#' lines are comments."""
+    sections, current = {}, None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("["):
+                current = sections.setdefault(line.strip("[]"), [])
+            elif current is None or not re.fullmatch(r"[a-z]{5}", line):
+                raise ValueError(f"{path}: {line!r} is not a 5-letter word of a section")
+            else:
+                current.append(line)
+    secrets = sections.get("secrets", [])
+    return secrets, frozenset(secrets) | frozenset(sections.get("guesses", []))
+
+
+def wordle_split(secrets, data_seed, num_train, num_test):
+    """The fixed train/held-out split: `secrets` shuffled by a generator seeded with data_seed;
+    the first num_test words are held out, the next num_train are for training. The held-out
+    words depend only on (data_seed, num_test), so changing num_train never moves them."""
+    if num_train + num_test > len(secrets):
+        raise ValueError(f"--wordle-train + --wordle-test = {num_train + num_test} is more than the "
+                         f"{len(secrets)} secret words")
+    order = list(secrets)
+    random.Random(f"wordle-{data_seed}").shuffle(order)
+    return order[num_test:num_test + num_train], order[:num_test]
+
+
+def wordle_feedback(guess, answer):
+    """One mark per letter of `guess` (5 letters) against `answer`: 'G' the right letter in the
+    right place, 'Y' a letter of the answer in another place, '-' otherwise.
+
+    Repeated letters, the standard rule: greens are marked first; then, left to right, a letter
+    is marked 'Y' only while the answer still holds a copy of it that no green and no earlier 'Y'
+    has used. So 'eerie' against 'there' is 'Y-Y-G': the last e is green, which leaves one e of
+    'there' for the first e of 'eerie' and none for the second."""
+    marks, unused = ["-"] * len(guess), {}
+    for i, (g, a) in enumerate(zip(guess, answer)):
+        if g == a:
+            marks[i] = "G"
+        else:
+            unused[a] = unused.get(a, 0) + 1
+    for i, g in enumerate(guess):
+        if marks[i] != "G" and unused.get(g, 0) > 0:
+            marks[i] = "Y"
+            unused[g] -= 1
+    return "".join(marks)
+
+
+def parse_guess(text, words, previous=()):
+    """(guess, None) for a valid turn, (None, reason) for an invalid one; never raises.
+
+    The guess is the text between the first '<guess>' and the first '</guess>' after it (the tags
+    in any case), stripped of whitespace and lowercased. Text around the tags and any later tag
+    are ignored. Valid iff it is exactly 5 letters a-z, in `words`, and not in `previous`."""
+    if not isinstance(text, str):
+        return None, WORDLE_NO_TAG
+    low = text.lower()  # indices below are all into `low` (lower() may change a text's length)
+    start = low.find("<guess>")
+    end = low.find("</guess>", start + len("<guess>")) if start >= 0 else -1
+    if end < 0:
+        return None, WORDLE_NO_TAG
+    word = low[start + len("<guess>"):end].strip()
+    if not re.fullmatch(r"[a-z]{5}", word):
+        return None, WORDLE_NOT_LETTERS
+    if word not in words:
+        return None, WORDLE_NOT_A_WORD
+    if word in previous:
+        return None, WORDLE_REPEATED
+    return word, None
+
+
+def wordle_echo(text, limit=WORDLE_ECHO_CHARS):
+    """An invalid answer as it is shown back to the model and in transcripts: whitespace runs
+    become one space, characters outside printable ASCII become '?', cut to `limit` characters
+    (so its tokens are bounded: no tokenizer needs more than one token per ASCII character)."""
+    text = " ".join(text.split()) if isinstance(text, str) else ""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
+@dataclass
+class WordleTurn:
+    """One turn of a game: the model's text (after the prefix) and what the game made of it."""
+    text: str
+    guess: object  # the valid guess, or None for an invalid turn
+    note: str  # the feedback marks of a valid guess ("-GY--") or why the turn is invalid
+    truncated: bool = False
+    tokens: int = 0
+
+
+def wordle_letters(marks):
+    """Information of one valid guess in letters: greens + yellows / 2 (0 to 5)."""
+    return marks.count("G") + 0.5 * marks.count("Y")
+
+
+def wordle_reward(turns, secret, max_turns, invalid_penalty=0.1, info_weight=0.5):
+    """The reward of a finished game (T = max_turns, n = turns played, k = invalid turns):
+
+        solved on turn n:  1 + (T - n) / T              1.833 on turn 1 ... 1.0 on turn 6 (T = 6)
+        not solved:        info_weight * mean over the n turns of (greens + yellows/2) / 5,
+                           an invalid turn counting 0   at most 0.4 with the defaults
+        minus invalid_penalty * k in both cases.
+
+    Solving scores more than any unsolved game, and solving earlier more than later. The
+    information credit goes to unsolved games only: given to solved games too, it could make
+    solving later pay (more good guesses on the way)."""
+    solved = bool(turns) and turns[-1].guess == secret
+    invalid = sum(t.guess is None for t in turns)
+    if solved:
+        reward = 1 + (max_turns - len(turns)) / max_turns
+    else:
+        letters = sum(wordle_letters(t.note) for t in turns if t.guess is not None)
+        reward = info_weight * letters / (5 * max(len(turns), 1))
+    return reward - invalid_penalty * invalid
+
+
+@dataclass
+class WordleTask(Task):
+    """Wordle through chat messages. A game, turn by turn:
+
+      - the conversation: the rules (WORDLE_RULES) as the first user message; then, per turn
+        played, the model's answer as an assistant message and the game's reply as a user
+        message ("crane -GY--. 5 guesses left." or "Invalid: <reason>. 5 guesses left."); every
+        answer starts with `prefix` (default '<guess>', so the model has only to write the word
+        and close the tag). A valid answer is put back as '<guess>word</guess>', not as the raw
+        text: the model reads its guesses in the one format it is asked for, and contexts stay
+        short and bounded (max_context); an invalid answer is put back as wordle_echo(text);
+      - parse_guess reads the guess. An invalid turn (no tag, not 5 letters, not a word of the
+        list, a repeated guess) uses up one of the max_turns turns and costs invalid_penalty;
+      - the game ends when the secret is guessed or max_turns (T) turns are played. Its reward
+        (wordle_reward): 1 + (T - n)/T if solved at guess n; else info_weight x the mean over the
+        T turns of (greens + yellows/2)/5, an invalid turn counting 0; minus invalid_penalty per
+        invalid turn. Held-out metrics (summary): solve rate, mean guesses when solved,
+        invalid-turn rate, greens + yellows/2 per valid guess.
+    rollout plays all games together: each turn, one chat call with every unfinished game.
+    The secret is never in a prompt; a result's `prompt` ("wordle: <secret>") is for samples only.
+    """
+    words: frozenset = frozenset()  # every valid guess
+    max_turns: int = 6
+    prefix: str = "<guess>"
+    invalid_penalty: float = 0.1
+    info_weight: float = 0.5
+    extra_metrics: tuple = ("solved", "guesses_when_solved", "invalid_rate", "info_per_guess")
+
+    def rules(self):
+        return WORDLE_RULES.format(turns=self.max_turns)
+
+    def conversation(self, problem, turns=()):
+        messages = [{"role": "user", "content": self.rules()}]
+        for k, turn in enumerate(turns):
+            left = self.max_turns - k - 1
+            left = f"{left} guess{'' if left == 1 else 'es'} left."
+            if turn.guess is None:
+                answer, reply = wordle_echo(self.prefix + turn.text), f"Invalid: {turn.note}. {left}"
+            else:
+                answer, reply = f"<guess>{turn.guess}</guess>", f"{turn.guess} {turn.note}. {left}"
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": reply}]
+        return messages, self.prefix
+
+    def finished(self, problem, turns):
+        return len(turns) >= self.max_turns or (bool(turns) and turns[-1].guess == problem["secret"])
+
+    def rollout(self, chat, problems):
+        """Play every game of `problems` to its end; each turn, one `chat` call with every
+        unfinished game (rows = their indices in `problems`)."""
+        games = [[] for _ in problems]  # the turns played, per game
+        while True:
+            rows = [i for i, p in enumerate(problems) if not self.finished(p, games[i])]
+            if not rows:
+                break
+            answers = chat([self.conversation(problems[i], games[i]) for i in rows], rows)
+            if len(answers) != len(rows):
+                raise ValueError(f"chat returned {len(answers)} answers for {len(rows)} conversations")
+            for i, (text, truncated, tokens) in zip(rows, answers):
+                text = text if isinstance(text, str) else ""
+                previous = [t.guess for t in games[i] if t.guess is not None]
+                guess, reason = parse_guess(self.prefix + text, self.words, previous)
+                note = wordle_feedback(guess, problems[i]["secret"]) if guess else reason
+                games[i].append(WordleTurn(text, guess, note, bool(truncated), int(tokens)))
+        return [self.result(p, turns) for p, turns in zip(problems, games)]
+
+    def result(self, problem, turns):
+        secret, n = problem["secret"], max(len(turns), 1)
+        reward = wordle_reward(turns, secret, self.max_turns, self.invalid_penalty, self.info_weight)
+        solved = bool(turns) and turns[-1].guess == secret
+        valid = [t for t in turns if t.guess is not None]
+        letters = sum((wordle_letters(t.note) for t in valid), 0.0)
+        transcript = " | ".join(f"{t.guess} {t.note}" if t.guess is not None else
+                                f"[{t.note}] {wordle_echo(self.prefix + t.text)!r}" for t in turns)
+        return {"reward": finite(reward, transcript), "correct": solved, "response": transcript,
+                "truncated": any(t.truncated for t in turns), "tokens": sum(t.tokens for t in turns),
+                "prompt": f"wordle: {secret}", "turns": len(turns), "invalid_turns": len(turns) - len(valid),
+                "valid_turns": len(valid), "letters": letters, "solved": float(solved),
+                "guesses_when_solved": float(len(turns)) if solved else 0.0,
+                "invalid_rate": (len(turns) - len(valid)) / n,
+                "info_per_guess": letters / len(valid) if valid else 0.0}
+
+    def summary(self, results):
+        """Held-out columns, pooled over games: solved (share of games solved), guesses_when_solved
+        (mean turns of the solved games; 0 when none is solved), invalid_rate (invalid turns /
+        turns played), info_per_guess (greens + yellows/2 per valid guess; 0 when none)."""
+        solved = [r for r in results if r["solved"]]
+        turns, valid = sum(r["turns"] for r in results), sum(r["valid_turns"] for r in results)
+        return {"solved": len(solved) / len(results) if results else 0.0,
+                "guesses_when_solved": sum(r["turns"] for r in solved) / len(solved) if solved else 0.0,
+                "invalid_rate": sum(r["invalid_turns"] for r in results) / turns if turns else 0.0,
+                "info_per_guess": sum(r["letters"] for r in results) / valid if valid else 0.0}
+
+    def max_context(self, count_tokens, max_new_tokens):
+        """Prompt tokens of a game's last turn, at most, plus max_new_tokens. The last prompt holds
+        the rules and max_turns - 1 answers and replies. An answer is at most WORDLE_ECHO_CHARS
+        printable ASCII characters (a valid one, '<guess>word</guess>', is 20), so at most that
+        many tokens; a reply is at most the longest reply form, measured here in context. Four
+        tokens a turn of margin for merges across the joins."""
+        def tokens(replies):
+            messages = [{"role": "user", "content": self.rules()}]
+            for reply in replies:
+                messages += [{"role": "assistant", "content": ""}, {"role": "user", "content": reply}]
+            return count_tokens((messages, self.prefix))
+        left = f"{self.max_turns} guesses left."
+        forms = [f"zzzzz -Y-GY. {left}"] + [f"Invalid: {r}. {left}" for r in
+                                              (WORDLE_NO_TAG, WORDLE_NOT_LETTERS, WORDLE_NOT_A_WORD, WORDLE_REPEATED)]
+        reply = max(tokens([f]) for f in forms) - tokens([""])
+        return tokens([""] * (self.max_turns - 1)) + (self.max_turns - 1) * (WORDLE_ECHO_CHARS + reply + 4) \
+            + max_new_tokens
+
+
+def wordle_task(args):
+    secrets, words = load_wordle_words()
+    task = WordleTask("wordle", [], [], words=words, max_turns=args.wordle_turns, prefix=args.wordle_prefix,
+                      invalid_penalty=args.wordle_invalid_penalty, info_weight=args.wordle_info_weight)
+    in_rules = set(re.findall(r"[a-z]+", task.rules().lower()))  # guess, right, place, ...: a hint in
+    secrets = [w for w in secrets if w not in in_rules]           # every prompt, so never a secret
+    train, test = wordle_split(secrets, args.data_seed, args.wordle_train, args.wordle_test)
+
+    def problem(secret):  # the opening conversation is the same for every secret
+        messages, prefix = task.conversation(None)
+        return {"secret": secret, "messages": messages, "prefix": prefix}
+    task.train, task.test = [problem(w) for w in train], [problem(w) for w in test]
+    return task
+
+
+TASKS = {"conciseness": conciseness_task, "countdown": countdown_task, "wordle": wordle_task}

