@@ -298,8 +298,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        from vllm import SamplingParams
         self.llm = support.make_llm(model_dir, args, f"{SCRIPT}.ESWorkerExtensionKeepWeights", max_model_len)
+        from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
         self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
         self.num_params = self.rpc("es_setup", args.mirrored, str(master_path) if master_path else None)["num_params"]
 

@@ -73,7 +73,7 @@ See:   266 evolved parameters (21% of the base's 1,251); held-out accuracy on th
        reaches 0.09); --no-normalise gives 91.4%. On this toy LoRA-ES is not faster than full ES
        (two extra thin matmuls per adapted layer, while noise for 1,251 weights is cheap): what it
        buys is a 5x smaller search space here, and at LLM scale far less noise to draw and store.
-       Output in runs/es_lora__<seed>__<time>/ (metrics.csv, curve.png with every method).
+       Output in runs/es_lora__<seed>__<time>/ (metrics.csv, curve.png with the methods run).
 """
 
 import argparse
