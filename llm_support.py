@@ -320,17 +320,24 @@ class Stopwatch:
         return self.seconds.get(part, 0.0)
 
 
-def make_chat(engine, tokenizer, clock=None):
+def make_chat(engine, tokenizer, clock=None, members=None):
     """chat(conversations, rows=None) -> [(text, truncated, generated tokens)]: one batched greedy
     call of `engine.generate` (token ids in, token ids out) for all conversations, each a
-    (messages, assistant prefix) pair. rows is unused here (one model answers every row); the
-    engine's generate time goes to clock["generate"] when a Stopwatch is given."""
+    (messages, assistant prefix) pair. Without `members`, rows is unused (one model answers every
+    row). With members (a list: problem row -> population member), the engine is called as
+    engine.generate(ids, [members[r] for r in rows]), so a population-batched engine answers each
+    conversation with its member. The engine's generate time goes to clock["generate"] when a
+    Stopwatch is given."""
     clock = clock or Stopwatch()
 
     def chat(conversations, rows=None):
         ids = [prompt_ids(tokenizer, messages, prefix) for messages, prefix in conversations]
         with clock("generate"):
-            out = engine.generate(ids)
+            if members is None:
+                out = engine.generate(ids)
+            else:
+                rows = range(len(ids)) if rows is None else rows
+                out = engine.generate(ids, [members[r] for r in rows])
         return [(tokenizer.decode(tokens, skip_special_tokens=True), truncated, len(tokens))
                 for tokens, truncated in out]
     return chat
@@ -365,11 +372,15 @@ class HFGenerator:
                                        eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
 
     @torch.inference_mode()
-    def __call__(self, prompts):
-        """prompts: lists of token ids -> [(generated ids, truncated)] in order."""
+    def __call__(self, prompts, on_chunk=None):
+        """prompts: lists of token ids -> [(generated ids, truncated)] in order. on_chunk(start, stop),
+        if given, runs before prompts[start:stop] go into one generate call (a population-batched
+        rung tells its layers there which member each row of the batch is)."""
         out = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
+            if on_chunk is not None:
+                on_chunk(start, start + len(chunk))
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
@@ -396,9 +407,10 @@ def pick_engine(name):
     return name
 
 
-def make_llm(model_dir, args, worker_extension, max_model_len):
+def make_llm(model_dir, args, worker_extension, max_model_len, **engine_options):
     """vllm.LLM for ES: greedy-ready, prefix caching off (weights change between calls, so cached
-    KV would be stale), the rung's worker extension mixed into the worker."""
+    KV would be stale), the rung's worker extension mixed into the worker; engine_options go to
+    LLM as they are (e.g. enable_lora=True, max_loras=N for multi-LoRA serving)."""
     # vLLM reads its logging level when it is first imported, and its worker processes inherit it
     os.environ.setdefault("VLLM_LOGGING_LEVEL", getattr(args, "vllm_log_level", "info").upper())
     from vllm import LLM
@@ -411,12 +423,14 @@ def make_llm(model_dir, args, worker_extension, max_model_len):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
     return LLM(model=model_dir, tokenizer=model_dir, dtype=args.dtype, seed=0, enable_prefix_caching=False,
                worker_extension_cls=worker_extension, enforce_eager=not args.vllm_compile,
-               max_model_len=max_model_len, **memory)
+               max_model_len=max_model_len, **memory, **engine_options)
 
 
-def vllm_generate(llm, sampling, prompts):
-    """prompts: lists of token ids -> [(generated ids without the end-of-turn token, truncated)]."""
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+def vllm_generate(llm, sampling, prompts, lora_requests=None):
+    """prompts: lists of token ids -> [(generated ids without the end-of-turn token, truncated)].
+    lora_requests: None, or one vllm LoRARequest (or None) per prompt."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False,
+                        lora_request=lora_requests)
     result = []
     for out in outs:
         c = out.outputs[0]
@@ -604,6 +618,43 @@ def save_checkpoint(engine, run_dir, generation, model_files, dtype, keep="lates
     (tmp / "es_state.json").write_text(json.dumps({"generation": generation}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def write_peft_adapter(folder, factors, rank, alpha, target_modules, layers=None, base_model=""):
+    """A PEFT-format LoRA folder that peft and vLLM (LoRARequest) load, W_eff = W + (alpha/r) B A:
+    adapter_config.json (peft_type LORA, r, lora_alpha, target_modules, and layers_to_transform
+    when only some layers are adapted) and adapter_model.safetensors with the keys
+    base_model.model.<module>.lora_A.weight (r x in) and .lora_B.weight (out x r).
+    factors: {module name: (A, B)}; tensors are written as they are (float32 keeps them exact)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(alpha),
+              "target_modules": sorted(target_modules), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "base_model_name_or_path": str(base_model), "inference_mode": True}
+    if layers is not None:
+        config.update(layers_to_transform=sorted(int(k) for k in layers), layers_pattern="layers")
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def read_peft_adapter(folder):
+    """(factors {module name: (A, B)}, adapter_config dict) of a folder write_peft_adapter wrote."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    return {n: (tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+            for n in names}, config
 
 
 def resume_point(run_dir):
