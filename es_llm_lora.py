@@ -272,32 +272,6 @@ def merge_adapter(weights, adapter, scale):
 # The chosen linear layers, and what runs inside the HF engine's forward
 # ----------------------------------------------------------------------------------------------
 
-def find_targets(model, target_modules, layers):
-    """[(name, nn.Linear)] sorted by name: linear layers named in target_modules (comma-separated),
-    inside the decoder layers `layers` ("" = all). ValueError with a clear message otherwise."""
-    names, chosen = target_modules.split(","), {int(k) for k in layers.split(",")} if layers else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    known = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"--target-modules: no linear layer named {', '.join(unknown)} in this model "
-                         f"(it has: {', '.join(known)})")
-    in_layers = {int(x) for x in re.findall(r"\.layers\.(\d+)\.", " ".join(n for n, _ in linears))}
-    if chosen is not None and not chosen <= in_layers:
-        raise ValueError(f"--layers {layers}: the model has layers 0-{max(in_layers)}")
-    found = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in names and
-             (chosen is None or int((re.findall(r"\.layers\.(\d+)\.", n) or [-1])[0]) in chosen)]
-    return sorted(found, key=lambda x: x[0])
-
-
-def model_targets(model_dir, args):
-    """{name: (d_out, d_in)} of the chosen matrices, read from the config (no weights loaded)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return {n: tuple(m.weight.shape) for n, m in find_targets(model, args.target_modules, args.layers)}
-
-
 class LowRankRows:
     """A forward hook on one nn.Linear: row b of the batch adds (x_b A_k^T) B_k^T, k = the member of
     row b (rung 4's batched forward: one shared matmul for all members plus a thin term per row)."""
@@ -333,7 +307,7 @@ class HFEngine:
 
     def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
         self.model, device = support.load_hf_model(model_dir, args.dtype, args.device)
-        targets = find_targets(self.model, args.target_modules, args.layers)
+        targets = support.find_linears(self.model, args.target_modules, args.layers)
         self.hooks = {name: LowRankRows(m) for name, m in targets}
         self.slots = [(name, m.weight.data) for name, m in targets]
         self.generator = support.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
@@ -394,20 +368,10 @@ class VLLMEngine:
         self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
         self.folder, self.next_id, self.requests = Path(tempfile.mkdtemp(prefix="es_llm_lora_")), 1, None
         self.rank = args.rank
-        self.names, self.model_dir = sorted(set(args.target_modules.split(","))), Path(model_dir)
+        self.names, self.model_dir = sorted(set(args.target_modules.split(","))), model_dir
 
     def mean_abs(self, names):
-        """mean |W| of the chosen matrices, read from the base's safetensors (vLLM fuses and packs its own)."""
-        from safetensors import safe_open
-        values = {}
-        for path in sorted(self.model_dir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                values.update({k[:-7]: float(f.get_tensor(k).float().abs().mean()) for k in f.keys()
-                               if k[:-7] in names and k.endswith(".weight")})
-        if set(values) != set(names):
-            raise SystemExit(f"--layer-sigma with --engine vllm reads the weights from the model's local folder: "
-                             f"{self.model_dir} has no safetensors for {len(set(names) - set(values))} of them")
-        return values
+        return support.mean_abs_from_folder(self.model_dir, names)
 
     def serve(self, population):
         from vllm.lora.request import LoRARequest
@@ -485,20 +449,6 @@ def center(state, args):
     return {k: (ab["A"][None], args.lora_alpha / args.rank * ab["B"][None]) for k, ab in state["adapter"].items()}
 
 
-def save_adapter_checkpoint(run_dir, generation, state, args, base_model, final=True):
-    """<run>/checkpoint as a PEFT folder (+ es_state.json), written to a temporary folder, then renamed."""
-    if args.checkpoint == "none" or (args.checkpoint == "final" and not final):
-        return
-    done, tmp = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    support.write_peft_adapter(tmp, {k: (ab["A"], ab["B"]) for k, ab in state["adapter"].items()}, args.rank,
-                               args.lora_alpha, args.target_modules.split(","),
-                               [int(k) for k in args.layers.split(",")] if args.layers else None, base_model)
-    (tmp / "es_state.json").write_text(json.dumps({"generation": generation, "base_model": str(base_model)}))
-    shutil.rmtree(done, ignore_errors=True)
-    tmp.rename(done)
-
-
 def write_merged(run_dir, model_dir, state, args, model_files):
     """<run>/merged: the base with W + (alpha/r) B A in every adapted matrix, a Hugging Face folder."""
     model, _ = support.load_hf_model(model_dir, "float32", "cpu")
@@ -516,11 +466,7 @@ def main(argv=None):
     if args.resume:  # a resumed run keeps writing into its own folder
         run_dir = Path(args.resume)
         if args.mode == "adapter":
-            state_file = run_dir / "checkpoint" / "es_state.json"
-            if not state_file.is_file():
-                raise SystemExit(f"--resume {run_dir}: no checkpoint/ to resume from")
-            saved = json.loads(state_file.read_text())
-            start, model_dir = saved["generation"], saved["base_model"]
+            start, model_dir, factors = support.adapter_resume_point(run_dir)
         else:
             start, model_dir, master_path = support.resume_point(run_dir)
     else:
@@ -529,7 +475,7 @@ def main(argv=None):
         except support.ModelNotFound as err:
             raise SystemExit(str(err))
     try:
-        shapes = model_targets(model_dir, args)
+        shapes = support.linear_shapes(model_dir, args.target_modules, args.layers)
     except ValueError as err:
         raise SystemExit(str(err))
     if not args.resume:
@@ -549,8 +495,7 @@ def main(argv=None):
         (run_dir / "sigmas.json").write_text(json.dumps(state["sigmas"], indent=1))
     if args.mode == "adapter":
         if args.resume:
-            factors, _ = support.read_peft_adapter(run_dir / "checkpoint")
-            state["adapter"] = {k: {"A": A.float(), "B": B.float()} for k, (A, B) in factors.items()}
+            state["adapter"] = {k: {"A": A, "B": B} for k, (A, B) in factors.items()}
         else:
             state["adapter"] = init_adapter(shapes, args.rank, args.init_b, args.seed)
     evolved = sum(args.rank * (o + i) if args.mode == "adapter" else o * i for o, i in shapes.values())
@@ -575,7 +520,10 @@ def main(argv=None):
 
     def save(done, final=True):
         if args.mode == "adapter":
-            save_adapter_checkpoint(run_dir, done, state, args, model_dir, final)
+            support.save_adapter_checkpoint(run_dir, done, {k: (ab["A"], ab["B"]) for k, ab in state["adapter"].items()},
+                                            args.rank, args.lora_alpha, args.target_modules.split(","),
+                                            [int(k) for k in args.layers.split(",")] if args.layers else None,
+                                            model_dir, args.checkpoint, final)
         else:
             support.save_checkpoint(engine, run_dir, done, model_files, args.dtype, args.checkpoint, final)
 

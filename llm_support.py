@@ -31,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -289,6 +290,51 @@ def load_model_files(model_dir):
     if tokenizer.chat_template is None:
         raise SystemExit(f"{model_dir}: the tokenizer has no chat template (use an instruct/chat model)")
     return tokenizer, config, generation_config
+
+
+def find_linears(model, target_modules, layers=""):
+    """[(name, nn.Linear)] sorted by name: the linear layers whose last name part is in
+    target_modules (comma-separated), inside the decoder layers `layers` (comma-separated
+    indices, "" = all). ValueError with one clear message for unknown names or layers."""
+    names, chosen = target_modules.split(","), {int(k) for k in layers.split(",")} if layers else None
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    known = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--target-modules: no linear layer named {', '.join(unknown)} in this model "
+                         f"(it has: {', '.join(known)})")
+
+    def layer(name):
+        found = re.findall(r"\.layers\.(\d+)\.", name)
+        return int(found[0]) if found else None
+    in_layers = {layer(n) for n, _ in linears} - {None}
+    if chosen is not None and not chosen <= in_layers:
+        raise ValueError(f"--layers {layers}: the model has layers 0-{max(in_layers)}")
+    return sorted(((n, m) for n, m in linears if n.rsplit(".", 1)[-1] in names and
+                   (chosen is None or layer(n) in chosen)), key=lambda x: x[0])
+
+
+def linear_shapes(model_dir, target_modules, layers=""):
+    """{name: (d_out, d_in)} of find_linears' layers, from the model's config (no weights loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {n: tuple(m.weight.shape) for n, m in find_linears(model, target_modules, layers)}
+
+
+def mean_abs_from_folder(model_dir, names):
+    """{name: mean |W|} of the matrices `names`, read from a local model folder's safetensors (for
+    an engine such as vLLM whose own tensors are fused or packed); SystemExit if any is missing."""
+    from safetensors import safe_open
+    values = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            values.update({k[:-len(".weight")]: float(f.get_tensor(k).float().abs().mean()) for k in f.keys()
+                           if k.endswith(".weight") and k[:-len(".weight")] in names})
+    if set(values) != set(names):
+        raise SystemExit(f"{model_dir}: no safetensors for {len(set(names) - set(values))} of the chosen matrices "
+                         f"(mean |W| is read from a local model folder)")
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,6 +701,30 @@ def read_peft_adapter(folder):
     names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
     return {n: (tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
             for n in names}, config
+
+
+def save_adapter_checkpoint(run_dir, generation, factors, rank, alpha, target_modules, layers, base_model,
+                            keep="latest", final=True):
+    """<run>/checkpoint as a PEFT adapter folder (write_peft_adapter) + es_state.json (generation and
+    base model), written to a temporary folder, then renamed; `keep` as in save_checkpoint."""
+    if keep == "none" or (keep == "final" and not final):
+        return
+    done, tmp = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_peft_adapter(tmp, factors, rank, alpha, target_modules, layers, base_model)
+    (tmp / "es_state.json").write_text(json.dumps({"generation": generation, "base_model": str(base_model)}))
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+
+
+def adapter_resume_point(run_dir):
+    """(generation, base model, factors {name: (A, B)} in float32) of a run's adapter checkpoint."""
+    state = Path(run_dir) / "checkpoint" / "es_state.json"
+    if not state.is_file():
+        raise SystemExit(f"--resume {run_dir}: no checkpoint/ to resume from")
+    saved = json.loads(state.read_text())
+    factors, _ = read_peft_adapter(Path(run_dir) / "checkpoint")
+    return saved["generation"], saved["base_model"], {k: (A.float(), B.float()) for k, (A, B) in factors.items()}
 
 
 def resume_point(run_dir):

@@ -322,8 +322,9 @@ def test_vllm_serves_the_population_and_the_saved_adapter_with_the_hf_engine_tok
             assert len({str(out[k * len(ids):(k + 1) * len(ids)]) for k in range(4)}) == 4
         # the checkpoint format, written as training writes it (alpha != r), loads in vLLM
         state = {"adapter": adapter}
-        args.lora_alpha, args.checkpoint = 3.0, "latest"
-        es.save_adapter_checkpoint(tmp_path, 2, state, args, chaotic_dir)
+        args.lora_alpha = 3.0
+        support.save_adapter_checkpoint(tmp_path, 2, {k: (ab["A"], ab["B"]) for k, ab in adapter.items()}, 2, 3.0,
+                                        es.PROJECTIONS.split(","), None, chaotic_dir)
         saved = LoRARequest("saved", 10_000, str(tmp_path / "checkpoint"))
         hf.serve(es.center(state, args))
         expected = hf.generate(ids, [0] * len(ids))
