@@ -275,6 +275,23 @@ def test_short_conciseness_run_improves_held_out_reward_and_the_adapter_replays_
     assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in replay] == trained
 
 
+def test_peft_loads_the_saved_adapter_and_generates_what_training_generated(counter_dir, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    run_dir = run_main(counter_dir, tmp_path, *MODE_FLAGS["adapter"], "--rank", "2", "--lora-alpha", "3",
+                       "--layers", "0", "--generations", "2", "--eval-every", "2")
+    trained = [s["response"] for s in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())
+               if s["generation"] == 2]
+    base = AutoModelForCausalLM.from_pretrained(counter_dir, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, run_dir / "checkpoint").eval()
+    lora_B = model.base_model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight
+    assert lora_B.abs().max() > 0 and model.base_model.model.model.layers[0].self_attn.v_proj.scaling["default"] == 1.5
+    tokenizer = AutoTokenizer.from_pretrained(counter_dir)
+    ids = [support.prompt_ids(tokenizer, p["messages"]) for p in tasks.conciseness_task().test]
+    out = support.HFGenerator(model, tokenizer, 24, 64, "cpu")(ids)
+    assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in out] == trained
+
+
 @pytest.mark.parametrize("mode", ["adapter", "eggroll"])
 def test_resume_ends_on_the_same_adapter_or_weights_as_an_uninterrupted_run(counter_dir, tmp_path, mode):
     from safetensors.torch import load_file
