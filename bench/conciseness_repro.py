@@ -12,7 +12,7 @@ What this script does:
 1. trains with es_llm_vllm.py (any engine; the offline SmolLM2-135M-Instruct by default) with
    the flags below, population 30 and sigma 1e-3 as in the paper; a CPU affords a few
    generations, not 1,000, so the default step is alpha = 4e-3 (8x the paper's, lr 4e-6; the
-   step length per generation then matches es_llm_vllm.py's default run with 8 members);
+   step length per generation then matches es_llm_vllm.py's earlier default, lr 4e-6 with 8 members);
 2. reads the held-out reward before and after from its metrics.csv, and the answers to the
    held-out prompts before and after from its samples.jsonl;
 3. estimates KL(tuned || base) on the held-out prompts with Schulman's k3 estimator
