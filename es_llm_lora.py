@@ -126,6 +126,8 @@ def parse_args(argv=None):
     args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv)
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
+    if args.engines > 1:
+        parser.error("--engines: this rung runs one engine (several engines with Ray: es_llm_vllm.py)")
     names = args.target_modules.split(",")
     if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
         parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")

@@ -83,6 +83,12 @@ class EngineArgs:
                                                                    "so the script's lines stay readable), warning, info "
                                                                    "(vLLM's default), debug.",
                                                            "choices": ["error", "warning", "info", "debug"]})
+    engines: int = field(default=1, metadata={"help": "Engines evaluating the population together: N > 1 runs N "
+                                                       "engine copies as Ray actors (one per GPU, or one per share "
+                                                       "of the CPU cores), synchronised by seeds (llm_ray.py).",
+                                               "min": 1})
+    ray_address: str = field(default="", metadata={"help": "With --engines N: address of a running Ray cluster "
+                                                           "(ray start --head prints it); empty: a local Ray."})
 
 
 def build_parser(args_class, description):
@@ -436,6 +442,16 @@ class HFGenerator:
                 out.append((row[:ended] if ended is not None else row,
                             ended is None and len(row) >= self.config.max_new_tokens))
         return out
+
+
+def engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path=None, max_model_len=None):
+    """The rung's make_engine(...) with --engines 1; with --engines N, N engines as Ray actors behind
+    the interface of one (llm_ray.EnginePool): each builds its engine with the rung's make_engine
+    and runs the rung's evaluate_members on its share of the members."""
+    if getattr(args, "engines", 1) == 1:
+        return make_engine(args, model_dir, tokenizer, master_path, max_model_len)
+    from llm_ray import EnginePool  # Ray is imported only when several engines are asked for
+    return EnginePool(make_engine, evaluate_members, args, model_dir, master_path, max_model_len)
 
 
 def vllm_available():
