@@ -168,7 +168,8 @@ class EnginePool:
         self.checksums.append(sums)
         if len(set(sums)) > 1:
             common = max(set(sums), key=sums.count)
-            odd = [k for k, s in enumerate(sums) if s != common] if sums.count(common) > len(sums) / 2 else range(len(sums))
+            majority = sums.count(common) > len(sums) / 2  # with 2 engines neither is known to be right
+            odd = [k for k, s in enumerate(sums) if s != common] if majority else range(len(sums))
             raise EnginesDiverged(f"the engines' weights differ {when}: " + "; ".join(
                 f"{self.names[k]} has checksum {sums[k][:16]}" for k in odd) + (
                 f" (the others {common[:16]})" if len(odd) < len(sums) else "") +
