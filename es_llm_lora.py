@@ -71,7 +71,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import llm_support as support
 from llm_tasks import TaskArgs, make_task
@@ -509,16 +508,10 @@ def main(argv=None):
           f"in one generate call, greedy, <= {args.max_new_tokens} new tokens | run folder {run_dir}")
     log = support.MetricsLog(run_dir, start, task.extra_metrics)
 
-    def evaluate(generation):
-        t0 = time.time()
+    def evaluate(generation):  # the adapter (or weights) at the center of the population, alone
         engine.serve(center(state, args))
-        results = task.rollout(support.make_chat(engine, tokenizer, members=[0] * len(test)), test)
-        support.write_samples(run_dir, generation, results)
-        for r in results[:args.show]:
-            tqdm.write(f"  [gen {generation}] {r['prompt'][:60]!r} -> {r['response'][:100]!r}")
-        ev = support.summarize_eval(results, task)
-        tqdm.write(support.eval_line(generation, ev))
-        return {**ev, "seconds_eval": round(time.time() - t0, 3)}
+        chat = support.make_chat(engine, tokenizer, members=[0] * len(test))
+        return support.evaluate(task, chat, test, run_dir, generation, args.show)
 
     def save(done, final=True):
         if args.mode == "adapter":
@@ -529,42 +522,17 @@ def main(argv=None):
         else:
             support.save_checkpoint(engine, run_dir, done, model_files, args.dtype, args.checkpoint, final)
 
-    def finish(done):
-        save(done)
-        support.plot_curves(run_dir, log.rows, f"{args.task}, {args.mode}, {engine.name}")
+    def step(generation, clock):  # ES: one generation, the same prompts for every member
+        problems = training_batch(task.train, args, generation)
+        return es_generation(engine, tokenizer, task, problems, state, args, generation, clock)
 
-    done, generation, clock = start, start, support.Stopwatch()
-    try:
-        if start == 0:
-            log.log({"generation": 0, **evaluate(0)})
-        bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
-        for generation in bar:
-            t_start, clock = time.time(), support.Stopwatch()
-            problems = training_batch(task.train, args, generation)
-            fitness, tokens = es_generation(engine, tokenizer, task, problems, state, args, generation, clock)
-            done = generation
-            row = support.generation_row(generation, fitness, clock, tokens)
-            if generation % args.eval_every == 0 or generation == args.generations:
-                row.update(evaluate(generation))
-            row["seconds_total"] = round(time.time() - t_start, 3)
-            log.log(row)
-            bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
-                            gen_share=f"{clock['rollout'] / row['seconds_total']:.0%}")
-            if args.save_every and generation % args.save_every == 0 and generation < args.generations:
-                save(generation, False)
-        bar.close()
-    except KeyboardInterrupt:
-        if clock.inside == "update":  # a half-applied update must not become a checkpoint
-            print("\ninterrupted during an update: keeping the last saved checkpoint")
-        else:
-            done = generation if "update" in clock.seconds else done
-            print(f"\ninterrupted: saving the checkpoint after generation {done}")
-            save(done)
-        support.plot_curves(run_dir, log.rows, f"{args.task}, {args.mode}, {engine.name}")
+    complete = support.run_generations(  # the loop around it: evaluations, metrics rows, checkpoints, Ctrl-C
+        args, start, log, step, evaluate, save,
+        lambda: support.plot_curves(run_dir, log.rows, f"{args.task}, {args.mode}, {engine.name}"))
+    if not complete:
         log.close()
         engine.close()
         raise SystemExit(130)
-    finish(args.generations)
     if args.merge and args.mode == "adapter":
         write_merged(run_dir, model_dir, state, args, model_files)
     log.close()

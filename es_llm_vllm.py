@@ -64,7 +64,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import llm_support as support
 from llm_tasks import TaskArgs, make_task
@@ -392,54 +391,18 @@ def main(argv=None):
           f"the same to update | run folder {run_dir}")
     log = support.MetricsLog(run_dir, start, task.extra_metrics)
 
-    def evaluate(generation):
-        t0 = time.time()
-        results = task.rollout(chat, test)
-        support.write_samples(run_dir, generation, results)
-        for r in results[:args.show]:
-            tqdm.write(f"  [gen {generation}] {r['prompt'][:60]!r} -> {r['response'][:100]!r}")
-        ev = support.summarize_eval(results, task)
-        tqdm.write(support.eval_line(generation, ev))
-        return {**ev, "seconds_eval": round(time.time() - t0, 3)}
+    def step(generation, clock):  # ES: one generation, the same prompts for every member
+        return es_generation(engine, chat, task, training_batch(task.train, args, generation), args, generation, clock)
 
-    def finish(done):
-        support.save_checkpoint(engine, run_dir, done, model_files, args.dtype, args.checkpoint)
-        support.plot_curves(run_dir, log.rows, f"{args.task}, {engine.name}")
-
-    done, generation, clock = start, start, support.Stopwatch()
-    try:
-        if start == 0:
-            log.log({"generation": 0, **evaluate(0)})
-        bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
-        for generation in bar:
-            t_start, clock = time.time(), support.Stopwatch()
-            problems = training_batch(task.train, args, generation)
-            fitness, tokens = es_generation(engine, chat, task, problems, args, generation, clock)
-            done = generation
-            row = support.generation_row(generation, fitness, clock, tokens)
-            if generation % args.eval_every == 0 or generation == args.generations:
-                row.update(evaluate(generation))
-            row["seconds_total"] = round(time.time() - t_start, 3)
-            log.log(row)
-            bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
-                            gen_share=f"{clock['rollout'] / row['seconds_total']:.0%}")
-            if args.save_every and generation % args.save_every == 0 and generation < args.generations:
-                support.save_checkpoint(engine, run_dir, generation, model_files, args.dtype, args.checkpoint, False)
-        bar.close()
-    except KeyboardInterrupt:
-        if clock.inside == "update":  # a half-applied update must not become a checkpoint
-            print("\ninterrupted during an update: keeping the last saved checkpoint")
-            support.plot_curves(run_dir, log.rows, f"{args.task}, {engine.name}")
-        else:
-            done = generation if "update" in clock.seconds else done
-            print(f"\ninterrupted: saving the checkpoint after generation {done}")
-            finish(done)
-        log.close()
-        engine.close()
-        raise SystemExit(130)
-    finish(args.generations)
+    complete = support.run_generations(  # the loop around it: evaluations, metrics rows, checkpoints, Ctrl-C
+        args, start, log, step, lambda g: support.evaluate(task, chat, test, run_dir, g, args.show),
+        lambda done, final: support.save_checkpoint(engine, run_dir, done, model_files, args.dtype,
+                                                    args.checkpoint, final),
+        lambda: support.plot_curves(run_dir, log.rows, f"{args.task}, {engine.name}"))
     log.close()
     engine.close()
+    if not complete:
+        raise SystemExit(130)
     evals = [r for r in log.rows if r["eval_reward"] != ""]
     print(f"held-out reward {evals[0]['eval_reward']:.2f} -> {evals[-1]['eval_reward']:.2f} "
           f"(generation {evals[0]['generation']} -> {evals[-1]['generation']}); run folder {run_dir}")

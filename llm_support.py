@@ -864,3 +864,62 @@ def plot_curves(run_dir, rows, title):
     fig.tight_layout()
     fig.savefig(Path(run_dir) / "curve.png", dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The run around a rung's ES generation (shared by the LLM rungs; the ES is in `step`)
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(task, chat, problems, run_dir, generation, show):
+    """One held-out evaluation: play the problems, append them to samples.jsonl, print `show`
+    answers and a summary line; returns the metrics row's eval columns."""
+    from tqdm import tqdm
+    t0 = time.time()
+    results = task.rollout(chat, problems)
+    write_samples(run_dir, generation, results)
+    for r in results[:show]:
+        tqdm.write(f"  [gen {generation}] {r['prompt'][:60]!r} -> {r['response'][:100]!r}")
+    ev = summarize_eval(results, task)
+    tqdm.write(eval_line(generation, ev))
+    return {**ev, "seconds_eval": round(time.time() - t0, 3)}
+
+
+def run_generations(args, start, log, step, evaluate_at, save, plot):
+    """Generations start+1 .. args.generations: step(generation, clock) -> (fitness, tokens) is
+    the rung's ES generation; evaluate_at(generation) -> eval columns at 0 (a new run), every
+    --eval-every and at the end; one metrics row per generation; save(done, final) every
+    --save-every and at the end; plot() at the end. Ctrl-C saves the last completed generation
+    (never a half-applied update: the Stopwatch says whether the update was running) and returns
+    False; True when the run is complete."""
+    from tqdm import tqdm
+    done, generation, clock = start, start, Stopwatch()
+    try:
+        if start == 0:
+            log.log({"generation": 0, **evaluate_at(0)})
+        bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
+        for generation in bar:
+            t_start, clock = time.time(), Stopwatch()
+            fitness, tokens = step(generation, clock)
+            done = generation
+            row = generation_row(generation, fitness, clock, tokens)
+            if generation % args.eval_every == 0 or generation == args.generations:
+                row.update(evaluate_at(generation))
+            row["seconds_total"] = round(time.time() - t_start, 3)
+            log.log(row)
+            bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
+                            gen_share=f"{clock['rollout'] / row['seconds_total']:.0%}")
+            if args.save_every and generation % args.save_every == 0 and generation < args.generations:
+                save(generation, False)
+        bar.close()
+    except KeyboardInterrupt:
+        if clock.inside == "update":  # a half-applied update must not become a checkpoint
+            print("\ninterrupted during an update: keeping the last saved checkpoint")
+        else:
+            done = generation if "update" in clock.seconds else done
+            print(f"\ninterrupted: saving the checkpoint after generation {done}")
+            save(done, True)
+        plot()
+        return False
+    save(args.generations, True)
+    plot()
+    return True
