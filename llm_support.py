@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -516,12 +517,14 @@ def vllm_slots(model, hf_config):
     vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj (rows stacked in that order):
     each fused parameter is split into row views named like the Hugging Face tensors, so noise
     index, checksum and checkpoint are those of the HF model. vLLM pads the vocabulary rows of
-    embed_tokens/lm_head to a multiple of 64; the padding rows are not evolved."""
+    embed_tokens/lm_head to a multiple of 64; the padding rows are not evolved. With LoRA enabled
+    vLLM wraps each layer and its weight is <layer>.base_layer.weight: named as without LoRA."""
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     q_rows = hf_config.num_attention_heads * head_dim
     kv_rows = (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads) * head_dim
     slots = []
     for name, p in model.named_parameters():
+        name = name.replace(".base_layer.", ".")
         if p.numel() == 0:
             raise RuntimeError(f"vLLM removed the weight of {name} (CPU pre-packing): the keep-weight patch "
                                "was not active in the worker")
@@ -565,7 +568,8 @@ class CpuRepack:
     packs once."""
 
     def __init__(self, model):
-        self.modules = [m for m in model.modules() if hasattr(m, "cpu_linear") and getattr(m, "weight", None) is not None]
+        self.modules = [m for m in model.modules() if hasattr(m, "cpu_linear") and getattr(m, "weight", None) is not None
+                        and not hasattr(m, "base_layer")]  # a LoRA wrapper: its base_layer is packed
         self.stale = True
 
     def now(self):
@@ -717,6 +721,37 @@ def read_peft_adapter(folder):
     names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
     return {n: (tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
             for n in names}, config
+
+
+class LoraServing:
+    """vLLM multi-LoRA plumbing: serve() writes each member's adapter as a PEFT folder under a NEW
+    lora_int_id (vLLM caches adapters by id, so a changed adapter under an old id would be served
+    stale) and deletes the previous generation's folders; requests(members) is one LoRARequest
+    per prompt. population: {module name: (A (N, r, d_in), B (N, d_out, r))}, scale folded in B."""
+
+    def __init__(self, rank, target_modules):
+        self.folder, self.next_id, self.current = Path(tempfile.mkdtemp(prefix="es_lora_")), 1, None
+        self.rank, self.names = rank, sorted(target_modules)
+
+    def serve(self, population):
+        from vllm.lora.request import LoRARequest
+        old, self.current = self.current, None
+        if population:
+            self.current = []
+            for i in range(len(next(iter(population.values()))[0])):
+                path = self.folder / str(self.next_id)
+                write_peft_adapter(path, {k: (A[i], B[i]) for k, (A, B) in population.items()}, self.rank,
+                                   self.rank, self.names)  # alpha = r: scale 1
+                self.current.append(LoRARequest(f"member{self.next_id}", self.next_id, str(path)))
+                self.next_id += 1
+        for request in old or []:
+            shutil.rmtree(request.lora_path, ignore_errors=True)
+
+    def requests(self, members):
+        return None if members is None or self.current is None else [self.current[m] for m in members]
+
+    def close(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def save_adapter_checkpoint(run_dir, generation, factors, rank, alpha, target_modules, layers, base_model,

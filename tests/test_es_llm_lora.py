@@ -111,7 +111,7 @@ def test_adapter_population_and_update_equal_the_formula_by_hand(factor, mirrore
     members = es.member_seeds(9, 4, n, mirrored)
     population, scales = es.adapter_population(adapter, members, sigmas, factor, scale)
     fitness = [0.3, -1.0, 2.0, 0.1, 0.7, -0.2]
-    shaped = es.zscore(fitness)
+    shaped = es.shape(fitness, "zscore")
     es.adapter_update(adapter, es.seed_coefficients(members, shaped), factor, scales, sigmas, lr, n)
     frozen = "B" if factor == "A" else "A"
     z = (np.array(fitness) - np.mean(fitness)) / np.std(fitness)
@@ -158,7 +158,7 @@ def test_eggroll_population_and_update_equal_the_formula_by_hand():
     members = es.member_seeds(5, 7, n, mirrored=True)
     population = es.eggroll_population({k: tuple(w.shape) for k, w in weights}, members, sigmas, r)
     fitness = [1.0, -2.0, 0.5, 0.25]
-    shaped = es.zscore(fitness)
+    shaped = es.shape(fitness, "zscore")
     es.eggroll_update(weights, master, es.seed_coefficients(members, shaped), sigmas, lr, n, r)
     z = (np.array(fitness) - np.mean(fitness)) / np.std(fitness)
     for m, (name, w) in enumerate(weights):
@@ -351,3 +351,24 @@ def test_vllm_serves_the_population_and_the_saved_adapter_with_the_hf_engine_tok
         assert engine.generate(ids) == hf.generate(ids)
     finally:
         engine.close()
+
+
+@needs_vllm
+def test_vllm_eggroll_mode_and_its_resume_end_on_the_hf_engines_weights(counter_dir, tmp_path):
+    # eggroll inside vLLM: noise as LoRA adapters, the update on the worker's own float32 master.
+    # 2 generations in vLLM, then --resume for a third (two engine starts), against 3 on the HF engine.
+    from safetensors.torch import load_file
+    flags = [*MODE_FLAGS["eggroll"], "--population-size", "4", "--eval-every", "1", "--save-every", "1"]
+    hf = run_main(counter_dir, tmp_path / "hf", *flags, "--generations", "3")
+    part = run_main(counter_dir, tmp_path / "vllm", *flags, "--generations", "2", "--engine", "vllm")
+    assert json.loads((part / "args.json").read_text())["engine"] == "vllm"
+    assert es.main(["--resume", str(part), "--generations", "3"]) == part
+    a, b = load_file(hf / "checkpoint" / "model.safetensors"), load_file(part / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], load_file(counter_dir / "model.safetensors")[k].float())]
+    assert changed and all(k.endswith("_proj.weight") for k in changed)  # only the chosen matrices moved
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    rows_hf, rows_vllm = read_rows(hf), read_rows(part)
+    for column in ("train_reward_mean", "eval_reward"):
+        assert [r[column] for r in rows_vllm] == [r[column] for r in rows_hf], column
