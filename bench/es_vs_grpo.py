@@ -105,6 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--kl-seed", type=int, default=0, help="seed of the sampling for the KL estimate")
     p.add_argument("--keep-checkpoints", default=False, action=argparse.BooleanOptionalAction,
                    help="keep each run's float32 checkpoint (517 MB for SmolLM2-135M) after its KL estimate")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of each training process (OMP_NUM_THREADS; 0 = torch's default, all cores). "
+                        "On a CPU shared with other busy jobs use 1: spinning OpenMP threads then cost 10x and more")
     p.add_argument("--out-dir", default="runs", help="parent of this bench's folder of run folders")
     p.add_argument("--results-dir", default=str(REPO / "bench" / "results"),
                    help="where es_vs_grpo.json, _runs.csv, _curves.png, _kl.png and _report.md are written")
@@ -130,8 +133,8 @@ def parse_args(argv=None):
         p.error("--population-size must be even and >= 2 (rung 5 uses mirrored pairs)")
     if min(args.seeds, args.generations, args.eval_every, args.max_new_tokens, args.kl_samples) < 1:
         p.error("--seeds, --generations, --eval-every, --max-new-tokens and --kl-samples must be >= 1")
-    if min(args.batch_size, args.grpo_completions, args.eval_size, args.grpo_beta) < 0:
-        p.error("--batch-size, --grpo-completions, --eval-size and --grpo-beta must be >= 0")
+    if min(args.batch_size, args.grpo_completions, args.eval_size, args.grpo_beta, args.threads) < 0:
+        p.error("--batch-size, --grpo-completions, --eval-size, --grpo-beta and --threads must be >= 0")
     if not args.grpo_temperature > 0:
         p.error("--grpo-temperature must be > 0")
     args.completions = args.grpo_completions or args.population_size
@@ -295,7 +298,9 @@ def worker(spec_json):
 def run_measured(spec):
     """Start this script with --worker spec; (worker result, wall s, CPU s, peak RSS MiB)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=REPO)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(spec["threads"])} if spec.get("threads") else {})}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=REPO,
+                            env=env)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (it starts no processes with --engine hf)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -341,7 +346,7 @@ def one_run(method, seed, grpo_lr, args, bench_dir, base_dir):
             "completions": args.completions, "steps": args.steps, "grpo_eval_every": args.grpo_eval_every,
             "grpo_beta": args.grpo_beta, "grpo_temperature": args.grpo_temperature,
             "grpo_scheduler": args.grpo_scheduler, "grpo_gradient_checkpointing": args.grpo_gradient_checkpointing,
-            "out_dir": str(bench_dir), "result_file": str(bench_dir / f"{method}_{seed}_{grpo_lr or 0:g}.json")}
+            "threads": args.threads, "out_dir": str(bench_dir), "result_file": str(bench_dir / f"{method}_{seed}_{grpo_lr or 0:g}.json")}
     label = f"{method.upper()} seed {seed}" + (f" lr {grpo_lr:g}" if method == "grpo" else "")
     print(f"\n=== {label}: training in a subprocess", flush=True)
     result, wall, cpu, rss = run_measured(spec)
@@ -362,6 +367,8 @@ def one_run(method, seed, grpo_lr, args, bench_dir, base_dir):
            "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss, "kl_s": time.perf_counter() - t0, **kl,
            "answers_before": [s for s in samples if s["generation"] == evals[0]["generation"]],
            "answers_after": [s for s in samples if s["generation"] == evals[-1]["generation"]]}
+    with open(bench_dir / "runs.jsonl", "a") as f:  # each finished run at once: a crash later loses nothing
+        f.write(json.dumps(run) + "\n")
     print(f"=== {label}: held-out {run['reward_before']:.1f} -> {run['reward_after']:.1f}, KL {kl['kl_per_answer']:.3f}"
           f" per answer, {result['train_answers_scored']} training answers, wall {wall / 60:.1f} min, CPU "
           f"{cpu / 60:.1f} min, peak RSS {rss:.0f} MiB", flush=True)
@@ -421,7 +428,7 @@ def plot(results, path_curves, path_kl):
 
 def report(results):
     s, lines = results["summary"], []
-    fmt = lambda d, p=1: f"{d['mean']:.{p}f} ± {d['std']:.{p}f}"  # noqa: E731
+    fmt = lambda d, p=1: "n/a" if math.isnan(d["mean"]) else f"{d['mean']:.{p}f} ± {d['std']:.{p}f}"  # noqa: E731
     lines += [f"# ES vs GRPO, {results['task']}, {results['model_name']}", "",
               f"Same reward function ({results['reward_function']}), {results['eval_prompts']} held-out prompts "
               f"(greedy, <= {results['args']['max_new_tokens']} tokens), {results['answer_budget']} training answers "
@@ -476,6 +483,8 @@ def main(argv=None):
         text = write_results(json.loads(Path(args.replot).read_text()), args.results_dir)
         print(text)
         return None
+    if args.threads:  # before torch is imported: the KL estimate here, and the training processes, use it
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -498,12 +507,7 @@ def main(argv=None):
     for method, seed, lr in order:  # ES seed 0 first, then the sweep
         runs.append({**one_run(method, seed, lr, args, bench_dir, base_dir),
                      "role": "compare" if method == "es" else "sweep"})
-    sweep = {}
-    for lr in args.lr_list:
-        mine = [r for r in runs if r["role"] == "sweep" and r["lr"] == lr]
-        sweep[f"{lr:g}"] = {"reward_after": float(np.mean([r["reward_after"] for r in mine])),
-                            "kl_per_answer": float(np.mean([r["kl_per_answer"] for r in mine])), "lr": lr}
-    best = max(sweep.values(), key=lambda v: v["reward_after"])["lr"]
+    sweep, best = choose_lr(runs, args.lr_list)
     print(f"\n=== sweep: " + ", ".join(f"lr {k}: {v['reward_after']:.1f}" for k, v in sweep.items())
           + f" -> GRPO lr {best:g}", flush=True)
     for seed in range(args.seeds):  # interleaved: GRPO seed 0, ES seed 1, GRPO seed 1, ...
@@ -514,6 +518,25 @@ def main(argv=None):
             print(f"=== GRPO seed {seed}: reusing its sweep run at lr {best:g}", flush=True)
         runs.append({**(reuse or one_run("grpo", seed, best, args, bench_dir, base_dir)), "role": "compare",
                      "reused_from_sweep": reuse is not None})
+    results = assemble(runs, args, base_dir, best, sweep, time.perf_counter() - t_start)
+    text = write_results(results, args.results_dir)
+    print("\n" + text)
+    print(f"total wall time {results['total_wall_s'] / 60:.1f} min; results in {args.results_dir}")
+    return results
+
+
+def choose_lr(runs, lrs):
+    """({lr: mean final held-out reward and KL of its sweep runs}, the lr with the best reward)."""
+    sweep = {}
+    for lr in lrs:
+        mine = [r for r in runs if r["role"] == "sweep" and r["lr"] == lr]
+        sweep[f"{lr:g}"] = {"reward_after": float(np.mean([r["reward_after"] for r in mine])),
+                            "kl_per_answer": float(np.mean([r["kl_per_answer"] for r in mine])), "lr": lr}
+    return sweep, max(sweep.values(), key=lambda v: v["reward_after"])["lr"]
+
+
+def assemble(runs, args, base_dir, best, sweep, total_wall_s):
+    """The results dict: settings, machine, sweep, per-method summary over the comparison runs, every run."""
     compare = {m: [r for r in runs if r["method"] == m and r["role"] == "compare"] for m in ("es", "grpo")}
     names = {r["reward_function"] for r in runs}
     evals = {r["eval_answers_scored"] // len(r["curve"]) for r in runs}
@@ -524,11 +547,8 @@ def main(argv=None):
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "python": platform.python_version(), "lscpu_model": _lscpu_model(),
                            "avx512_bf16": "avx512_bf16" in _cpu_flags()},
-               "versions": _versions(), "total_wall_s": time.perf_counter() - t_start,
+               "versions": _versions(), "total_wall_s": total_wall_s,
                "summary": {m: summarize(compare[m]) for m in compare}, "runs": runs}
-    text = write_results(results, args.results_dir)
-    print("\n" + text)
-    print(f"total wall time {results['total_wall_s'] / 60:.1f} min; results in {args.results_dir}")
     return results
 
 
