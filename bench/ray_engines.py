@@ -1,17 +1,18 @@
 """Several engines with Ray (llm_ray.py): wall time per ES generation with 1 vs N engines, and the
-bytes that cross between the driver and the engines per generation.
+bytes that cross between the driver and the engines per generation, for rung 5 and rung 6.
 
-One engine runs in this process with all `--cpus` threads (what es_llm_vllm.py does without
+One engine runs in this process with all `--cpus` threads (what the rung does without
 --engines); the pool runs `--engines` actors on a local Ray, each with cpus/engines threads. Both
-call es_llm_vllm.es_generation itself for `--generations` generations from the same seed; the
-first generation of each is reported apart (warm-up), the rest as the median. Bytes: the pickled
-arguments and results of every call the pool makes (EnginePool.traffic); Ray adds a few hundred
-bytes of its own per call. The weights never travel.
+call the rung's own es_generation for `--generations` generations from the same seed (rung 5:
+es_llm_vllm; rung 6: es_llm_lora --mode adapter, whose pool keeps a copy of the adapter on every
+engine); the first generation of each is reported apart (warm-up), the rest as the median.
+Bytes: the pickled arguments and results of every call the pool makes (EnginePool.traffic); Ray
+adds a few hundred bytes of its own per call. The weights and the adapter never travel.
 
-Run:   python bench/ray_engines.py                       (a tiny random model, built here, ~1 minute)
+Run:   python bench/ray_engines.py                       (a tiny random model, built here, ~2 minutes)
        python bench/ray_engines.py --model PATH --max-new-tokens 64    (a real model folder)
-See:   seconds per generation for 1 and N engines, their ratio, bytes per generation (a few kB),
-       and whether both reached the same final weights.
+See:   per rung, seconds per generation for 1 and N engines, their ratio, bytes per generation
+       (a few kB), and whether both reached the same final weights (rung 6: the same adapter).
 """
 
 import argparse
@@ -27,66 +28,101 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+import es_llm_lora as rung6  # noqa: E402
 import es_llm_vllm as rung5  # noqa: E402
 import llm_ray  # noqa: E402
 import llm_support as support  # noqa: E402
 from llm_tasks import make_task  # noqa: E402
 
 
-def run(engine, tokenizer, args, generations):
+def run(rung, engine, tokenizer, args, generations, state=None):
+    """`generations` ES generations of the rung's es_generation: (seconds, bytes each, final checksum)."""
     task = make_task(args)
     chat = support.make_chat(engine, tokenizer)
     seconds, traffic = [], []
     for g in range(1, generations + 1):
         before, t0 = getattr(engine, "traffic", 0), time.perf_counter()
-        rung5.es_generation(engine, chat, task, task.train, args, g, support.Stopwatch())
+        if rung is rung5:
+            rung5.es_generation(engine, chat, task, task.train, args, g, support.Stopwatch())
+        else:
+            rung6.es_generation(engine, tokenizer, task, task.train, state, args, g, support.Stopwatch())
         seconds.append(time.perf_counter() - t0)
         traffic.append(getattr(engine, "traffic", 0) - before)
-    return seconds, traffic, engine.checksum()
+    return seconds, traffic, engine.checksum() if rung is rung5 else llm_ray.state_checksum(state)
 
 
-def main():
+def rung6_state(args, model):
+    """Rung 6's ES state at the start of a run (global sigma): shapes, sigmas, the initial adapter."""
+    shapes = support.linear_shapes(model, args.target_modules, args.layers)
+    return {"shapes": shapes, "sigmas": {k: args.sigma for k in shapes},
+            "adapter": rung6.init_adapter(shapes, args.rank, args.init_b, args.seed)}
+
+
+def compare(rung, model, tokenizer, flags, a):
+    """One engine in this process, then a pool of a.engines on the local Ray: the bench's numbers."""
+    one_args = rung.parse_args(flags)
+    state = rung6_state(one_args, model) if rung is rung6 else None
+    one = rung.make_engine(one_args, model, tokenizer)
+    s1, _, sum1 = run(rung, one, tokenizer, one_args, a.generations, state)
+    one.close()
+    pool_args = rung.parse_args(flags + ["--engines", str(a.engines)])
+    t0 = time.perf_counter()
+    pool = support.engines(rung.make_engine, rung.evaluate_members, pool_args, model, tokenizer,
+                           apply_update=rung6.apply_update if rung is rung6 else None)
+    if rung is rung6:
+        state = rung6_state(pool_args, model)
+        pool.keep(state)
+    start = time.perf_counter() - t0
+    sN, bytes_per_gen, sumN = run(rung, pool, tokenizer, pool_args, a.generations, state)
+    pool.close()
+    med1, medN = statistics.median(s1[1:] or s1), statistics.median(sN[1:] or sN)
+    return {"seconds_per_generation_1": s1, f"seconds_per_generation_{a.engines}": sN,
+            "median_1": round(med1, 3), f"median_{a.engines}": round(medN, 3),
+            "ratio_time_N_over_1": round(medN / med1, 3), "speedup_1_over_N": round(med1 / medN, 3),
+            "pool_start_s": round(start, 1), "bytes_per_generation": bytes_per_gen, "same_final_weights": sum1 == sumN}
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="", help="model folder (empty: a tiny random model from tests/llm_fixtures)")
-    p.add_argument("--engines", type=int, default=2)
+    p.add_argument("--rungs", default="5,6", help="comma-separated: 5 (es_llm_vllm.py), 6 (es_llm_lora.py, adapter mode)")
+    p.add_argument("--engines", type=int, default=2, help="engines of the pool (Ray actors)")
     p.add_argument("--cpus", type=int, default=2, help="cores for the single engine and for the local Ray")
-    p.add_argument("--population-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", default="bench/results/ray_engines.json")
-    a = p.parse_args()
+    p.add_argument("--population-size", type=int, default=8, help="members per generation (mirrored pairs)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
+    p.add_argument("--generations", type=int, default=4, help="generations per engine setup (the first is warm-up)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
+    p.add_argument("--out", default="bench/results/ray_engines.json", help="where the JSON result is written")
+    a = p.parse_args(argv)
+    rungs = {"5": rung5, "6": rung6}
+    if not set(a.rungs.split(",")) <= set(rungs) or a.engines < 2 or min(a.cpus, a.generations) < 1:
+        p.error("--rungs takes 5 and/or 6, --engines must be >= 2, --cpus and --generations >= 1")
     model = a.model
     if not model:
         from llm_fixtures import build_tiny_model
         model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0, counter=True))
-    flags = ["--engine", "hf", "--model", model, "--dtype", a.dtype, "--max-new-tokens", str(a.max_new_tokens),
-             "--population-size", str(a.population_size), "--sigma", "0.01", "--lr", "1e-3"]
     tokenizer = support.load_model_files(model)[0]
     torch.set_num_threads(a.cpus)
     support.NOISE_THREADS = a.cpus
-    one_args = rung5.parse_args(flags)
-    one = rung5.make_engine(one_args, model, tokenizer)
-    s1, _, sum1 = run(one, tokenizer, one_args, a.generations)
     llm_ray.start_ray(num_cpus=a.cpus)
-    pool_args = rung5.parse_args(flags + ["--engines", str(a.engines)])
-    t0 = time.perf_counter()
-    pool = support.engines(rung5.make_engine, rung5.evaluate_members, pool_args, model, tokenizer)
-    start = time.perf_counter() - t0
-    sN, bytes_per_gen, sumN = run(pool, tokenizer, pool_args, a.generations)
-    pool.close()
-    med1, medN = statistics.median(s1[1:] or s1), statistics.median(sN[1:] or sN)
     result = {"model": a.model or "tiny random Llama (tests/llm_fixtures.py, hidden 128)",
               "population_size": a.population_size, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
-              "cpus": a.cpus, "engines": a.engines, "seconds_per_generation_1": s1,
-              f"seconds_per_generation_{a.engines}": sN,
-              "median_1": round(med1, 3), f"median_{a.engines}": round(medN, 3),
-              "ratio_time_N_over_1": round(medN / med1, 3), "pool_start_s": round(start, 1),
-              "bytes_per_generation": bytes_per_gen, "same_final_weights": sum1 == sumN,
+              "cpus": a.cpus, "engines": a.engines,
               "torch_threads": {"one engine": a.cpus, "each pool engine": max(1, a.cpus // a.engines)}}
+    common = ["--engine", "hf", "--model", model, "--dtype", a.dtype, "--max-new-tokens", str(a.max_new_tokens),
+              "--population-size", str(a.population_size)]
+    for name in a.rungs.split(","):
+        flags = common + (["--sigma", "0.01", "--lr", "1e-3"] if name == "5" else ["--mode", "adapter"])
+        result[f"rung{name}"] = r = compare(rungs[name], model, tokenizer, flags, a)
+        print(f"rung {name}: {r['median_1']:.2f} s per generation with 1 engine, {r[f'median_{a.engines}']:.2f} s "
+              f"with {a.engines} ({r['speedup_1_over_N']:.2f}x), {max(r['bytes_per_generation'])} bytes per generation "
+              f"at most, same final weights: {r['same_final_weights']}", flush=True)
+    import ray
+    ray.shutdown()
     print(json.dumps(result, indent=2))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_scripted_games_of_the_whole_population_in_one_call_per_turn(tiny_dir, t
     monkeypatch.setattr(es, "make_engine", lambda *a, **k: engine)
     run_dir = es.main([*TINY, "--engine", "hf", "--model", str(tiny_dir), "--out-dir", str(tmp_path),
                        "--generations", "2", "--eval-every", "1", "--checkpoint", "final", "--seed", "5",
-                       "--target-modules", "q_proj", "--rank", "2"])
+                       "--target-modules", "q_proj", "--rank", "2", "--no-layer-sigma"])  # the scripted engine has no weights
     fb, letters = tasks.wordle_feedback, tasks.wordle_letters
     # +eps solves its two games on turns 1 and 2; -eps: one invalid turn, then five valid misses
     plus = ((1 + 5 / 6) + (1 + 4 / 6)) / 2

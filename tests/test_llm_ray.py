@@ -183,3 +183,80 @@ def test_two_vllm_engines_as_ray_actors_end_on_one_hf_engines_weights(counter_di
     keys = ["generation", "train_reward_mean", "train_reward_std", "eval_reward"]
     assert [[r[k] for k in keys] for r in rows(one)] == [[r[k] for k in keys] for r in rows(two)]
     assert len(set(r["train_reward_mean"] for r in rows(two)[1:])) > 1
+
+
+# ---------------------------------------------------------------- rung 6: the population-batched rung
+
+import es_llm_lora as rung6  # noqa: E402
+
+RUNG6_FLAGS = {"adapter": ["--mode", "adapter", "--sigma", "0.05", "--lr", "0.01"],
+               "eggroll": ["--mode", "eggroll", "--sigma", "0.01", "--lr", "1e-3"]}
+
+
+def run_rung6(model_dir, out_dir, mode, *flags):
+    return rung6.main(["--engine", "hf", "--model", str(model_dir), "--out-dir", str(out_dir), "--max-new-tokens", "16",
+                       "--dtype", "float32", "--population-size", "4", "--show", "0", "--generations",
+                       str(GENERATIONS), "--eval-every", "2", "--save-every", "0", *RUNG6_FLAGS[mode], *flags])
+
+
+@pytest.mark.parametrize("mode", ["adapter", "eggroll"])
+def test_rung6_two_engines_end_on_one_engines_adapter_or_weights_with_a_few_kilobytes_per_generation(
+        counter_dir, tmp_path, monkeypatch, mode):
+    from safetensors.torch import load_file
+    one = run_rung6(counter_dir, tmp_path / "one", mode)
+    pools, traffic, real_engines, real_generation = [], [], support.engines, rung6.es_generation
+
+    def engines(*a, **k):
+        pools.append(real_engines(*a, **k))
+        return pools[-1]
+
+    def es_generation(engine, *a, **k):
+        before = engine.traffic
+        out = real_generation(engine, *a, **k)
+        traffic.append(engine.traffic - before)
+        return out
+    monkeypatch.setattr(support, "engines", engines)
+    monkeypatch.setattr(rung6, "es_generation", es_generation)
+    two = run_rung6(counter_dir, tmp_path / "two", mode, "--engines", "2")
+    pool = pools[0]
+    assert pool.name == "hf x2" and len(pool.actors) == 0  # closed at the end
+    file = "adapter_model.safetensors" if mode == "adapter" else "model.safetensors"
+    a, b = load_file(one / "checkpoint" / file), load_file(two / "checkpoint" / file)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ["generation", "train_reward_mean", "train_reward_std", "eval_reward", "eval_response_chars"]
+    assert [[r[k] for k in keys] for r in rows(one)] == [[r[k] for k in keys] for r in rows(two)]
+    assert len(set(r["train_reward_mean"] for r in rows(two)[1:])) > 1  # the fitness really varied
+    # checksums at load, after receiving the state, after each update: always both engines equal
+    assert len(pool.checksums) == 2 + GENERATIONS and all(len(set(s)) == 1 for s in pool.checksums)
+    if mode == "eggroll":  # the weights moved in the engines, generation after generation
+        assert len({s[0].split("/")[0] for s in pool.checksums[1:]}) == 1 + GENERATIONS
+    else:  # the base stays frozen, the kept adapter moves
+        assert len({s[0].split("/")[1] for s in pool.checksums[1:]}) == 1 + GENERATIONS
+    # seeds, fitness and coefficients cross, not the adapter (0.3M numbers for SmolLM2) nor the noise
+    assert len(traffic) == GENERATIONS and all(0 < t < 10_000 for t in traffic), traffic
+
+
+def test_rung6_an_engine_whose_kept_adapter_differs_is_detected_at_the_next_update(counter_dir):
+    args = rung6.parse_args(["--engine", "hf", "--model", str(counter_dir), "--dtype", "float32", "--engines", "2",
+                             "--population-size", "4"])
+    shapes = support.linear_shapes(counter_dir, args.target_modules, args.layers)
+    state = {"shapes": shapes, "sigmas": {k: args.sigma for k in shapes},
+             "adapter": rung6.init_adapter(shapes, args.rank, args.init_b, 0)}
+    pool = support.engines(rung6.make_engine, rung6.evaluate_members, args, str(counter_dir),
+                           support.load_model_files(counter_dir)[0], apply_update=rung6.apply_update)
+    try:
+        pool.keep(state)
+        pool.apply_update(pool, state, {11: 0.5, 12: -0.25}, args, 1)
+        assert len(set(pool.checksums[-1])) == 1
+        name = next(iter(shapes))
+        other = {**state, "adapter": {k: {f: t.clone() for f, t in ab.items()} for k, ab in state["adapter"].items()}}
+        other["adapter"][name]["A"][0, 0] += 1e-6  # engine 1's copy drifts by one number
+        ray.get(pool.actors[1].keep.remote(other))
+        with pytest.raises(llm_ray.EnginesDiverged, match=r"differ after update 2 .*engine \d of 2"):
+            pool.apply_update(pool, state, {13: 0.5}, args, 2)
+        ray.get(pool.actors[1].keep.remote(state))
+        state["adapter"][name]["B"][0, 0] += 1.0  # now the driver's copy is the odd one
+        with pytest.raises(llm_ray.EnginesDiverged, match="differs from the driver's copy"):
+            pool.apply_update(pool, state, {13: 0.5}, args, 3)
+    finally:
+        pool.close()

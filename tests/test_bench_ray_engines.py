@@ -1,0 +1,33 @@
+"""bench/ray_engines.py end to end on a tiny model: rung 6 (adapter mode) with 1 engine and with a
+pool of 2 Ray actors; both reach the same adapter and only a few kilobytes cross per generation.
+Skipped without Ray (CI installs it)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install ray==2.60.0); CI installs it")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import ray_engines  # noqa: E402
+
+
+def test_ray_engines_bench_rung6_same_adapter_and_kilobytes_per_generation(tmp_path, capsys):
+    out = tmp_path / "ray.json"
+    result = ray_engines.main(["--rungs", "6", "--generations", "2", "--population-size", "4",
+                               "--max-new-tokens", "8", "--out", str(out)])
+    r = result["rung6"]
+    assert r["same_final_weights"] is True
+    assert len(r["seconds_per_generation_1"]) == len(r["seconds_per_generation_2"]) == 2
+    assert len(r["bytes_per_generation"]) == 2 and all(0 < b < 10_000 for b in r["bytes_per_generation"])
+    assert r["speedup_1_over_N"] == pytest.approx(r["median_1"] / r["median_2"], rel=0.01)
+    assert json.loads(out.read_text())["rung6"]["bytes_per_generation"] == r["bytes_per_generation"]
+    assert "rung 6:" in capsys.readouterr().out and "rung5" not in result
+
+
+def test_ray_engines_bench_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        ray_engines.main(["--rungs", "7"])
+    assert "--rungs takes 5 and/or 6" in capsys.readouterr().err
