@@ -40,13 +40,14 @@ applied to a float32 master of the chosen weights (rung 5's exact machinery: w =
 so the model moves in full parameter space while each generation is still one batched call.
 lr and sigma mean what they mean in rung 5 (E has unit-variance entries like rung 5's eps).
 
---layer-sigma (default): sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of mean|W_m|),
+--layer-sigma (adapter mode's default): sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of mean|W_m|),
 a noise scale proportional to each matrix's typical weight (the LoRA-ES research scales noise per
 layer); the base's values, computed once per run (sigmas.json in the run folder). In SmolLM2-135M
 sigma_m spans 0.23x to 1.8x of sigma (v_proj / o_proj of some layers smallest, k_proj of some
 largest): one global sigma gives a small matrix the same absolute noise as a large one, and on
 conciseness the held-out reward then followed the training reward far less reliably (README,
-Rung 6). --no-layer-sigma: sigma_m = sigma.
+Rung 6). --no-layer-sigma (eggroll mode's default, where one seed per dtype did better without
+it): sigma_m = sigma.
 
 Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
 matrix m (chosen linear layers in sorted name order) owns index 2m (A) and 2m+1 (B) in both modes.
@@ -81,7 +82,8 @@ from llm_tasks import TaskArgs, make_task
 
 SCRIPT = "es_llm_lora"
 PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-MODE_DEFAULTS = {"adapter": {"sigma": 0.05, "lr": 3e-3}, "eggroll": {"sigma": 2e-3, "lr": 4e-6}}
+MODE_DEFAULTS = {"adapter": {"sigma": 0.05, "lr": 3e-3, "layer_sigma": True},
+                 "eggroll": {"sigma": 2e-3, "lr": 4e-6, "layer_sigma": False}}
 NORM_FLOOR = 1e-12
 
 
@@ -102,9 +104,11 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
     init_b: float = field(default=1e-4, metadata={"help": "Adapter mode: B starts N(0, init_b^2), A N(0, 1/d_in): "
                                                           "both nonzero, so either factor's noise moves the output.",
                                                   "gt": 0})
-    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
+    layer_sigma: bool = field(default=None, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
                                                               "of mean|W_m| (per matrix; the base's values, once per "
-                                                              "run); --no-layer-sigma: sigma everywhere."})
+                                                              "run); --no-layer-sigma: sigma everywhere. Neither "
+                                                              "(None): the mode's default, on in adapter mode, off "
+                                                              "in eggroll mode."})
     merge: bool = field(default=False, metadata={"help": "Adapter mode: also write merged/ (W + (alpha/r) B A) as "
                                                          "a Hugging Face folder at the end."})
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
@@ -135,9 +139,9 @@ def parse_args(argv=None):
         parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
     if args.layers and not re.fullmatch(r"\d+(,\d+)*", args.layers):
         parser.error(f"--layers must be layer indices separated by commas, got {args.layers!r}")
-    for name in ("sigma", "lr"):
-        if getattr(args, name) == 0:
-            setattr(args, name, MODE_DEFAULTS[args.mode][name])
+    unset = {"sigma": args.sigma == 0, "lr": args.lr == 0, "layer_sigma": args.layer_sigma is None}
+    for name in [name for name, is_unset in unset.items() if is_unset]:  # the mode's default
+        setattr(args, name, MODE_DEFAULTS[args.mode][name])
     if args.lora_alpha == 0:
         args.lora_alpha = float(args.rank)
     return args

@@ -192,6 +192,14 @@ def test_all_equal_rewards_change_nothing():
     assert all(torch.equal(a, b) for a, b in zip(master, before[1]))
 
 
+@pytest.mark.parametrize("argv,expected", [([], (True, 0.05, 3e-3)), (["--mode", "eggroll"], (False, 2e-3, 4e-6)),
+                                           (["--no-layer-sigma"], (False, 0.05, 3e-3)),
+                                           (["--mode", "eggroll", "--layer-sigma", "--sigma", "0.1"], (True, 0.1, 4e-6))])
+def test_unset_sigma_lr_and_layer_sigma_take_the_modes_defaults(argv, expected):
+    args = es.parse_args(argv)
+    assert (args.layer_sigma, args.sigma, args.lr) == expected
+
+
 def test_layer_sigma_is_proportional_to_mean_abs_weight():
     sigmas = es.layer_sigmas({"a": 0.02, "b": 0.06}, 0.1, True)
     assert sigmas == pytest.approx({"a": 0.05, "b": 0.15})  # mean over matrices keeps sigma's level
