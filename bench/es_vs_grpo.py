@@ -70,6 +70,8 @@ if str(REPO / "bench") not in sys.path:
     sys.path.insert(0, str(REPO / "bench"))
 
 PREFIX = "es_vs_grpo"
+METHODS = ("es", "es_lora", "grpo")
+COLORS = {"es": "tab:blue", "es_lora": "tab:green", "grpo": "tab:red"}
 
 
 def parse_args(argv=None):
@@ -99,6 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--grpo-gradient-checkpointing", default=True, action=argparse.BooleanOptionalAction,
                    help="GRPO gradient checkpointing (TRL default: on; less memory, more time)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit, training and held-out (both)")
+    p.add_argument("--lora", default=True, action=argparse.BooleanOptionalAction,
+                   help="also rung 6 (es_llm_lora.py --mode adapter, its own defaults: sigma 0.05, lr 3e-3, "
+                        "per-matrix sigma), same seeds, budget, prompts and evaluation; KL from its merged model")
+    p.add_argument("--resume", default="", help="a bench folder (runs/es_vs_grpo__...) of an interrupted or earlier "
+                                                "run with the same flags: runs found in its runs.jsonl (same method, "
+                                                "seed and lr) are taken from there, the missing ones are run")
     p.add_argument("--es-engine", default="hf", choices=["hf", "vllm", "auto"],
                    help="es_llm_vllm.py --engine (hf: the same generate code as TRL and the GRPO evaluation)")
     p.add_argument("--eval-size", type=int, default=0, help="held-out prompts (0 = all; Countdown: use e.g. 32)")
@@ -170,6 +178,14 @@ def rung5_argv(spec):
                ["--model", spec["model"]] if spec["model"] else [])
 
 
+def rung6_argv(spec):
+    """es_llm_lora.py flags: rung 5's task, budget and evaluation flags, rung 6's own sigma and lr,
+    and --merge (the merged model is what the KL estimate loads)."""
+    argv = rung5_argv(spec)
+    drop = {i + k for i, flag in enumerate(argv) if flag in ("--sigma", "--lr") for k in (0, 1)}
+    return [a for i, a in enumerate(argv) if i not in drop] + ["--mode", "adapter", "--merge"]
+
+
 class CountingReward:
     """task.reward, unchanged, counting who it scored: training answers (problems of task.train)
     and held-out answers. Both methods call the task's reward through this wrapper."""
@@ -209,6 +225,15 @@ def worker_es(spec):
     rung5.make_task = counted_task(rung5.make_task, counters)  # the rung's own task, reward counted
     run_dir = Path(rung5.main(rung5_argv(spec)))
     return {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoint"), **counters[0].summary()}
+
+
+def worker_es_lora(spec):
+    """One es_llm_lora.py (rung 6) run in this process, adapter mode; its merged model for the KL."""
+    import es_llm_lora as rung6
+    counters = []
+    rung6.make_task = counted_task(rung6.make_task, counters)
+    run_dir = Path(rung6.main(rung6_argv(spec)))
+    return {"run_dir": str(run_dir), "checkpoint": str(run_dir / "merged"), **counters[0].summary()}
 
 
 def worker_grpo(spec):
@@ -291,7 +316,7 @@ def worker_grpo(spec):
 
 def worker(spec_json):
     spec = json.loads(spec_json)
-    out = (worker_es if spec["method"] == "es" else worker_grpo)(spec)
+    out = {"es": worker_es, "es_lora": worker_es_lora, "grpo": worker_grpo}[spec["method"]](spec)
     Path(spec["result_file"]).write_text(json.dumps(out, indent=2))
 
 
@@ -341,7 +366,17 @@ def kl_of_run(base_dir, checkpoint, task_name, args):
                              args.kl_seed)
 
 
-def one_run(method, seed, grpo_lr, args, bench_dir, base_dir):
+def run_key(method, seed, lr):
+    return method, int(seed), float(lr) if method == "grpo" else None
+
+
+def one_run(method, seed, grpo_lr, args, bench_dir, base_dir, done=None):
+    """One training and its KL estimate, appended to runs.jsonl; or the run already in `done`
+    ({run_key: run} from a --resume folder's runs.jsonl)."""
+    label = f"{method.upper()} seed {seed}" + (f" lr {grpo_lr:g}" if method == "grpo" else "")
+    if done and run_key(method, seed, grpo_lr) in done:
+        print(f"=== {label}: taken from {bench_dir / 'runs.jsonl'} (--resume)", flush=True)
+        return {k: v for k, v in done[run_key(method, seed, grpo_lr)].items() if k not in ("role", "reused_from_sweep")}
     spec = {"method": method, "seed": seed, "grpo_lr": grpo_lr, "task": args.task, "model": args.model,
             "es_engine": args.es_engine, "population_size": args.population_size, "sigma": args.sigma,
             "lr": args.lr, "generations": args.generations, "eval_every": args.eval_every,
@@ -351,7 +386,6 @@ def one_run(method, seed, grpo_lr, args, bench_dir, base_dir):
             "grpo_beta": args.grpo_beta, "grpo_temperature": args.grpo_temperature,
             "grpo_scheduler": args.grpo_scheduler, "grpo_gradient_checkpointing": args.grpo_gradient_checkpointing,
             "threads": args.threads, "out_dir": str(bench_dir), "result_file": str(bench_dir / f"{method}_{seed}_{grpo_lr or 0:g}.json")}
-    label = f"{method.upper()} seed {seed}" + (f" lr {grpo_lr:g}" if method == "grpo" else "")
     print(f"\n=== {label}: training in a subprocess", flush=True)
     result, wall, cpu, rss = run_measured(spec)
     t0 = time.perf_counter()
@@ -359,9 +393,11 @@ def one_run(method, seed, grpo_lr, args, bench_dir, base_dir):
     if not args.keep_checkpoints:
         shutil.rmtree(result["checkpoint"], ignore_errors=True)
     evals, samples, train = read_run(result["run_dir"])
-    per_unit = args.population_size if method == "es" else args.completions  # answers per prompt and generation/step
+    per_unit = args.completions if method == "grpo" else args.population_size  # answers per prompt and update
     prompts = len(result["train_prompts_seen"]) if not args.batch_size else args.batch_size
-    run = {"method": method, "seed": seed, "lr": args.lr if method == "es" else grpo_lr, **result,
+    run_args = json.loads((Path(result["run_dir"]) / "args.json").read_text())  # rung 6: its own sigma and lr
+    run = {"method": method, "seed": seed, "lr": grpo_lr if method == "grpo" else run_args["lr"],
+           "sigma": None if method == "grpo" else run_args["sigma"], **result,
            "answers_per_update": per_unit * prompts,
            "curve": [{"answers": int(r["generation"]) * per_unit * prompts, "reward": r["eval_reward"],
                       "chars": r["eval_response_chars"], "accuracy": r["eval_accuracy"]} for r in evals],
@@ -398,9 +434,10 @@ def plot(results, path_curves, path_kl):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    colors = {"es": "tab:blue", "grpo": "tab:red"}
+    colors, labels = COLORS, method_labels(results, short=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, label in (("es", "ES (rung 5)"), ("grpo", f"GRPO (TRL), lr {results['grpo_lr']:g}")):
+    for method in results["summary"]:
+        label = labels[method]
         runs = [r for r in results["runs"] if r["method"] == method and r["role"] == "compare"]
         x = np.array([c["answers"] for c in runs[0]["curve"]])
         y = np.array([[c["reward"] for c in r["curve"]] for r in runs])  # (seeds, evaluations)
@@ -420,8 +457,9 @@ def plot(results, path_curves, path_kl):
             ax.annotate(f"lr {r['lr']:g}", (r["kl_per_answer"], r["reward_after"]), fontsize=7)
     base = np.mean([r["reward_before"] for r in results["runs"]])
     ax.axhline(base, color="gray", linestyle=":", label="base model")
-    for method, marker, label in (("es", "o", "ES"), ("grpo", "o", "GRPO, chosen lr"), ("grpo", "x", "GRPO sweep")):
-        ax.plot([], [], color=colors[method], marker=marker, linestyle="none", label=label)
+    for method in results["summary"]:
+        ax.plot([], [], color=colors[method], marker="o", linestyle="none", label=labels[method])
+    ax.plot([], [], color=colors["grpo"], marker="x", linestyle="none", label="GRPO sweep")
     ax.set(xscale="symlog", xlabel="KL(tuned || base), k3, nats per sampled answer (held-out prompts)",
            ylabel="final held-out reward", title="reward vs KL, one point per run")
     ax.legend(fontsize=8)
@@ -432,6 +470,7 @@ def plot(results, path_curves, path_kl):
 
 def report(results):
     s, lines = results["summary"], []
+    names = {"es": "ES rung 5", "es_lora": "ES rung 6", "grpo": "GRPO"}
     fmt = lambda d, p=1: "n/a" if math.isnan(d["mean"]) else f"{d['mean']:.{p}f} ± {d['std']:.{p}f}"  # noqa: E731
     lines += [f"# ES vs GRPO, {results['task']}, {results['model_name']}", "",
               f"Same reward function ({results['reward_function']}), {results['eval_prompts']} held-out prompts "
@@ -439,8 +478,7 @@ def report(results):
               f"per run. Mean ± std over seeds {s['es']['seeds']}.", "",
               "| method | held-out before | held-out after | answer chars after | KL per answer | KL per token "
               "| wall min | CPU min | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for method, label in (("es", f"ES, lr {results['args']['lr']:g}, sigma {results['args']['sigma']:g}"),
-                          ("grpo", f"GRPO, lr {results['grpo_lr']:g}")):
+    for method, label in method_labels(results).items():
         m = s[method]
         lines.append(f"| {label} | {fmt(m['reward_before'])} | {fmt(m['reward_after'])} | {fmt(m['chars_after'], 0)} "
                      f"| {fmt(m['kl_per_answer'], 3)} | {fmt(m['kl_per_token'], 4)} "
@@ -451,13 +489,26 @@ def report(results):
     for lr, v in results["sweep"].items():
         lines.append(f"| {lr} | {v['reward_after']:.1f} | {v['kl_per_answer']:.3f} |")
     lines += ["", "## Answers to the held-out prompts, before and after (comparison seed 0 of each method)", "",
-              "| prompt | base model | ES | GRPO |", "|---|---|---|---|"]
-    es0 = next(r for r in results["runs"] if r["method"] == "es" and r["role"] == "compare")
-    gr0 = next(r for r in results["runs"] if r["method"] == "grpo" and r["role"] == "compare")
+              "| prompt | base model | " + " | ".join(names[m] for m in s) + " |", "|---" * (2 + len(s)) + "|"]
+    first = [next(r for r in results["runs"] if r["method"] == m and r["role"] == "compare") for m in s]
     cell = lambda a: a["response"].replace("\n", " ").replace("|", "\\|")[:150]  # noqa: E731
-    for b, e, g in zip(es0["answers_before"], es0["answers_after"], gr0["answers_after"]):
-        lines.append(f"| {b['prompt']} | {cell(b)} | {cell(e)} | {cell(g)} |")
+    for i, b in enumerate(first[0]["answers_before"]):
+        lines.append(f"| {b['prompt']} | {cell(b)} | " + " | ".join(cell(r["answers_after"][i]) for r in first) + " |")
     return "\n".join(lines) + "\n"
+
+
+def method_labels(results, short=False):
+    """{method: its label} for the methods in the summary: ES with its sigma and lr, GRPO with its lr."""
+    out = {}
+    for method in results["summary"]:
+        runs = [r for r in results["runs"] if r["method"] == method and r["role"] == "compare"]
+        if method == "grpo":
+            out[method] = f"GRPO (TRL), lr {results['grpo_lr']:g}"
+        else:
+            sigma = runs[0].get("sigma", results["args"]["sigma"]) if method == "es_lora" else results["args"]["sigma"]
+            name = "ES rung 5" if method == "es" else "ES rung 6 (LoRA adapters, per-matrix sigma)"
+            out[method] = name if short else f"{name}, lr {runs[0]['lr']:g}, sigma {sigma:g}"
+    return out
 
 
 def write_results(results, results_dir):
@@ -499,28 +550,39 @@ def main(argv=None):
         base_dir = support.resolve_model(args.model, support.default_cache_dir(), "float32")
     except support.ModelNotFound as err:
         raise SystemExit(str(err))
-    bench_dir = Path(args.out_dir) / f"{PREFIX}__{time.strftime('%Y%m%d-%H%M%S')}"
-    bench_dir.mkdir(parents=True, exist_ok=False)
+    done = {}
+    if args.resume:
+        bench_dir = Path(args.resume)
+        if not (bench_dir / "runs.jsonl").is_file():
+            raise SystemExit(f"--resume {args.resume}: no runs.jsonl there (give a runs/{PREFIX}__... folder)")
+        for line in (bench_dir / "runs.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[run_key(r["method"], r["seed"], r["lr"])] = r
+    else:
+        bench_dir = Path(args.out_dir) / f"{PREFIX}__{time.strftime('%Y%m%d-%H%M%S')}"
+        bench_dir.mkdir(parents=True, exist_ok=False)
     answers = args.generations * args.population_size
     print(f"model {base_dir} | task {args.task} | float32 | ES: {args.population_size} members x prompts, "
           f"{args.generations} generations | GRPO: prompts x {args.completions} completions, {args.steps} steps "
           f"| {answers} answers per training prompt for both | sweep lrs {args.lr_list} on seeds {args.sweep_list} "
           f"| comparison seeds 0..{args.seeds - 1} | runs in {bench_dir}", flush=True)
-    order = [("es", 0, None)] + [("grpo", s, lr) for s in args.sweep_list for lr in args.lr_list]
+    es_methods = ["es"] + (["es_lora"] if args.lora else [])
+    order = [(m, 0, None) for m in es_methods] + [("grpo", s, lr) for s in args.sweep_list for lr in args.lr_list]
     runs = []
     for method, seed, lr in order:  # ES seed 0 first, then the sweep
-        runs.append({**one_run(method, seed, lr, args, bench_dir, base_dir),
-                     "role": "compare" if method == "es" else "sweep"})
+        runs.append({**one_run(method, seed, lr, args, bench_dir, base_dir, done),
+                     "role": "sweep" if method == "grpo" else "compare"})
     sweep, best = choose_lr(runs, args.lr_list)
     print(f"\n=== sweep: " + ", ".join(f"lr {k}: {v['reward_after']:.1f}" for k, v in sweep.items())
           + f" -> GRPO lr {best:g}", flush=True)
     for seed in range(args.seeds):  # interleaved: GRPO seed 0, ES seed 1, GRPO seed 1, ...
-        if seed > 0:
-            runs.append({**one_run("es", seed, None, args, bench_dir, base_dir), "role": "compare"})
+        for method in es_methods if seed > 0 else []:
+            runs.append({**one_run(method, seed, None, args, bench_dir, base_dir, done), "role": "compare"})
         reuse = next((r for r in runs if r["role"] == "sweep" and r["seed"] == seed and r["lr"] == best), None)
         if reuse is not None:
             print(f"=== GRPO seed {seed}: reusing its sweep run at lr {best:g}", flush=True)
-        runs.append({**(reuse or one_run("grpo", seed, best, args, bench_dir, base_dir)), "role": "compare",
+        runs.append({**(reuse or one_run("grpo", seed, best, args, bench_dir, base_dir, done)), "role": "compare",
                      "reused_from_sweep": reuse is not None})
     results = assemble(runs, args, base_dir, best, sweep, time.perf_counter() - t_start)
     text = write_results(results, args.results_dir)
@@ -541,7 +603,8 @@ def choose_lr(runs, lrs):
 
 def assemble(runs, args, base_dir, best, sweep, total_wall_s):
     """The results dict: settings, machine, sweep, per-method summary over the comparison runs, every run."""
-    compare = {m: [r for r in runs if r["method"] == m and r["role"] == "compare"] for m in ("es", "grpo")}
+    compare = {m: [r for r in runs if r["method"] == m and r["role"] == "compare"] for m in METHODS}
+    compare = {m: rs for m, rs in compare.items() if rs}
     names = {r["reward_function"] for r in runs}
     evals = {r["eval_answers_scored"] // len(r["curve"]) for r in runs}
     results = {"task": args.task, "model_name": Path(str(base_dir)).name, "model_dir": str(base_dir),

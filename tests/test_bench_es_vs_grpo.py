@@ -59,7 +59,10 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     runs = results["runs"]
     es = [r for r in runs if r["method"] == "es"]
     grpo = [r for r in runs if r["method"] == "grpo"]
+    lora = [r for r in runs if r["method"] == "es_lora"]
     assert len(es) == 1 and len(grpo) == 3  # ES seed 0; GRPO sweep at 2 lrs, the best one reused as seed 0
+    assert len(lora) == 1 and (lora[0]["lr"], lora[0]["sigma"]) == (3e-3, 0.05)  # rung 6 with its own defaults
+    assert set(results["summary"]) == {"es", "es_lora", "grpo"}
     assert results["grpo_lr"] in (1e-3, 1e-2) and set(results["sweep"]) == {"0.001", "0.01"}
     # the same reward function, the same training and held-out prompts, the same measured budget
     assert {r["reward_function"] for r in runs} == {"llm_tasks.conciseness_reward"}
@@ -79,4 +82,15 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
     with open(res / "es_vs_grpo_runs.csv") as f:
         assert len(list(csv.DictReader(f))) == len(runs)
     assert json.loads((res / "es_vs_grpo.json").read_text())["grpo_lr"] == results["grpo_lr"]
-    assert "| ES" in (res / "es_vs_grpo_report.md").read_text()
+    report = (res / "es_vs_grpo_report.md").read_text()
+    assert "| ES rung 5" in report and "| ES rung 6" in report and "| GRPO" in report
+    # --resume: every run is found in the folder's runs.jsonl, nothing is trained again
+    bench_dir = next((tmp_path / "runs").glob("es_vs_grpo__*"))
+    lines = (bench_dir / "runs.jsonl").read_text().count("\n")
+    again = bench.main(["--model", str(model), "--population-size", "2", "--generations", "2", "--eval-every", "1",
+                        "--max-new-tokens", "8", "--lr", "1e-3", "--sigma", "0.05", "--grpo-lrs", "1e-3,1e-2",
+                        "--sweep-seeds", "0", "--seeds", "1", "--kl-samples", "2", "--resume", str(bench_dir),
+                        "--results-dir", str(tmp_path / "again")])
+    assert (bench_dir / "runs.jsonl").read_text().count("\n") == lines
+    assert [(r["method"], r["seed"], r["reward_after"], r["kl_per_answer"]) for r in again["runs"]] == \
+        [(r["method"], r["seed"], r["reward_after"], r["kl_per_answer"]) for r in runs]

@@ -192,10 +192,10 @@ def test_all_equal_rewards_change_nothing():
     assert all(torch.equal(a, b) for a, b in zip(master, before[1]))
 
 
-@pytest.mark.parametrize("argv,expected", [([], (True, 0.05, 3e-3)), (["--mode", "eggroll"], (False, 2e-3, 4e-6)),
+@pytest.mark.parametrize("argv,expected", [([], (True, 0.05, 3e-3)), (["--mode", "eggroll"], (True, 2e-3, 4e-6)),
                                            (["--no-layer-sigma"], (False, 0.05, 3e-3)),
-                                           (["--mode", "eggroll", "--layer-sigma", "--sigma", "0.1"], (True, 0.1, 4e-6))])
-def test_unset_sigma_lr_and_layer_sigma_take_the_modes_defaults(argv, expected):
+                                           (["--mode", "eggroll", "--no-layer-sigma", "--sigma", "0.1"], (False, 0.1, 4e-6))])
+def test_unset_sigma_and_lr_take_the_modes_defaults_and_layer_sigma_is_on_by_default(argv, expected):
     args = es.parse_args(argv)
     assert (args.layer_sigma, args.sigma, args.lr) == expected
 
