@@ -1,4 +1,4 @@
-"""ES (rung 5) against TRL's GRPOTrainer: same model, task, reward function, prompts and answer budget.
+"""ES (rungs 5 and 6) against TRL's GRPOTrainer: same model, task, reward function, prompts and answer budget.
 
 Qiu et al. 2025 (arXiv 2509.24372) claim that ES beats RL fine-tuning (GRPO, Shao et al. 2024,
 arXiv 2402.03300) on reward per sample, KL to the base model, reward hacking, run-to-run spread
@@ -23,20 +23,25 @@ same for both methods:
 
 ES: es_llm_vllm.main with its own defaults (population 8 in mirrored pairs, sigma 2e-3, lr 8e-6,
 8 generations, all training prompts, eval every 4 generations), --engine hf by default so that
-generation and evaluation run on the same transformers code as TRL. GRPO: TRL's GRPOTrainer with
+generation and evaluation run on the same transformers code as TRL. With --lora (default) also
+rung 6, es_llm_lora.main --mode adapter with its own defaults (sigma 0.05, lr 3e-3, per-matrix
+sigma, rank 1 on every projection) and the same population, generations, prompts and engine; its
+KL is estimated on the merged model (--merge). GRPO: TRL's GRPOTrainer with
 its defaults (loss "dapo", beta 0: no KL penalty, Adam, gradient checkpointing, one gradient step
 per generation batch) except: a constant learning rate (--grpo-scheduler), float32 (bf16=False),
 and a learning-rate sweep (--grpo-lrs). The sweep runs on its own seeds (--sweep-seeds); the lr
 whose runs end with the best mean held-out reward is then run on the comparison seeds, so the
 chosen setting is not credited with the luck of the run that selected it. Runs are interleaved
 (ES seed 0, GRPO seed 0, ES seed 1, ...) so that load on the shared machine hits both alike.
+Every finished run is appended to the bench folder's runs.jsonl at once; --resume FOLDER takes
+the runs found there and runs only the missing ones (an interrupted bench, or a method added).
 
 Run:   pip install -r requirements-bench.txt     (TRL, for this bench only)
-       python bench/es_vs_grpo.py --threads 1     (sweep + 3 seeds per method; ~75 min on a quiet 2-core CPU)
-Measured (2-core Xeon, float32, conciseness; README): held-out -127 -> ES -60.6 / -108.1 (seeds 0, 1),
-GRPO lr 3e-6 / 1e-5 / 3e-5 -> -116.0 / -26.4 / -7.0 (short, often wrong answers); KL per answer ES
-3.3-3.5, GRPO 0.2 / 2.8 / 8.4; peak RSS ES 2.3 GB, GRPO 5.0-5.2 GB; quiet runs 4.9 (ES) and 4.2
-(GRPO) minutes.
+       python bench/es_vs_grpo.py --threads 1     (sweep + 3 seeds per method; ~80 min on a 2-core CPU)
+Measured (2-core Xeon, float32, conciseness, 128 answers per run, seeds 0-2; README): held-out -127.0
+-> rung 5 -84.4 +- 19.4, rung 6 -77.5 +- 2.1, GRPO lr 3e-5 -16.7 +- 4.5 (short, often wrong or
+echoed answers); KL per answer 3.2 / 2.0 / 7.9; peak RSS 2.3 / 1.6 / 5.1 GB; 6.1 / 2.6 / 5.0 min
+with one thread each.
 See:   a table per method (held-out reward before -> after, KL per answer, wall and CPU minutes,
        peak RSS), the sweep, and in --results-dir: es_vs_grpo.json, es_vs_grpo_runs.csv,
        es_vs_grpo_curves.png (held-out reward vs training answers, mean +- std over seeds),
