@@ -3,6 +3,7 @@ pool of 2 Ray actors; both reach the same adapter and only a few kilobytes cross
 Skipped without Ray (CI installs it)."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def test_ray_engines_bench_rung6_same_adapter_and_kilobytes_per_generation(tmp_p
     assert r["same_final_weights"] is True
     assert len(r["seconds_per_generation_1"]) == len(r["seconds_per_generation_2"]) == 2
     assert len(r["bytes_per_generation"]) == 2 and all(0 < b < 10_000 for b in r["bytes_per_generation"])
-    assert r["speedup_1_over_N"] == pytest.approx(r["median_1"] / r["median_2"], rel=0.01)
+    one, two = r["seconds_per_generation_1"][1:], r["seconds_per_generation_2"][1:]  # after the warm-up
+    assert r["speedup_1_over_N"] == pytest.approx(statistics.median(one) / statistics.median(two), abs=1e-3)
     assert json.loads(out.read_text())["rung6"]["bytes_per_generation"] == r["bytes_per_generation"]
     assert "rung 6:" in capsys.readouterr().out and "rung5" not in result
 
