@@ -20,8 +20,8 @@ A rung that keeps ES state beside its engine (rung 6: the adapter, which the dri
 the engine as members' adapters) hands the pool that state once (`keep`) and its own
 apply_update function: every engine keeps a copy, evaluates its members from it, and applies the
 rung's update to it (and to its own weights); the driver applies the same update to its copy.
-Arguments that are the kept state travel as a marker of a few bytes, not as tensors, and the
-checksums cover the state too (the driver's copy included).
+Arguments that are the kept state (or the run's flags) travel as a marker of a few bytes, and
+the checksums cover the state too (the driver's copy included).
 
 What scales: the population (members are split across engines). What does not: one member's
 generation, which always runs on one engine.
@@ -46,6 +46,7 @@ import llm_support as support
 
 HERE = str(Path(__file__).resolve().parent)
 KEPT = "<this engine's own copy of the kept ES state>"  # what travels in place of the kept state
+ARGS = "<this engine's own copy of the run's flags>"  # and in place of the run's flags
 
 
 class EngineLost(RuntimeError):
@@ -131,6 +132,7 @@ class EngineActor:
         self.evaluate = _resolve(evaluate_members)
         self.apply = _resolve(apply_update) if apply_update else None  # a rung with kept state: its update
         self.state = None  # that rung's ES state: this engine's own copy (EnginePool.keep)
+        self.args = args  # the run's flags (with --engines 1)
         tokenizer = support.load_model_files(model_dir)[0]
         self.engine = _resolve(make_engine)(args, model_dir, tokenizer, master_path, max_model_len)
         self.chat = support.make_chat(self.engine, tokenizer)
@@ -146,7 +148,8 @@ class EngineActor:
         return self.engine.checksum() + ("" if self.state is None else "/" + state_checksum(self.state))
 
     def _local(self, extra):
-        return [self.state if isinstance(x, str) and x == KEPT else x for x in extra]
+        own = {KEPT: self.state, ARGS: self.args}
+        return [own[x] if isinstance(x, str) and x in own else x for x in extra]
 
     def keep(self, state):
         self.state = state
@@ -194,7 +197,7 @@ class EnginePool:
             raise SystemExit(f"--engines {n}: the Ray cluster has {have}, room for at most {gpus or cpus} engines")
         self.mirrored, self.batch = args.mirrored, args.gen_batch_size
         self.traffic, self.checksums, self.updates = 0, [], 0
-        self.kept, self.apply = None, apply_update
+        self.kept, self.apply, self.args = None, apply_update, args
         self.names = [f"engine {k} of {n}" for k in range(n)]
         one = dataclasses.replace(args, engines=1)
         actor = ray.remote(EngineActor)
@@ -256,7 +259,7 @@ class EnginePool:
         self._check(sums, "after receiving the ES state")
 
     def _marked(self, extra):
-        return tuple(KEPT if self.kept is not None and x is self.kept else x for x in extra)
+        return tuple(KEPT if self.kept is not None and x is self.kept else ARGS if x is self.args else x for x in extra)
 
     def evaluate_members(self, engine, chat, task, problems, members, *extra):
         """The rung's evaluate_members on every engine at once, each on its share; extra = the rung's

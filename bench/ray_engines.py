@@ -13,9 +13,9 @@ Run:   python bench/ray_engines.py                       (a tiny random model, b
        python bench/ray_engines.py --model PATH --max-new-tokens 64    (a real model folder)
 See:   per rung, seconds per generation for 1 and N engines, their ratio, bytes per generation
        (a few kB), and whether both reached the same final weights (rung 6: the same adapter).
-Measured (2-core Xeon, SmolLM2-135M, float32, 64 tokens; README): rung 5 42.0 -> 21.8 s per
-generation with 2 engines (1.93x), rung 6 11.5 -> 9.8 s (1.17x); 1,104 and 4,868 bytes per
-generation; same final weights in both.
+Measured (2-core Xeon, SmolLM2-135M, float32, 64 tokens; README): rung 5 40.8 -> 21.3 s per
+generation with 2 engines (1.92x), rung 6 12.4 -> 9.8 s (1.27x; 1.17x in an earlier run); 1,104
+and 1,322 bytes per generation; same final weights in both.
 """
 
 import argparse

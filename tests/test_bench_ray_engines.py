@@ -22,7 +22,8 @@ def test_ray_engines_bench_rung6_same_adapter_and_kilobytes_per_generation(tmp_p
     r = result["rung6"]
     assert r["same_final_weights"] is True
     assert len(r["seconds_per_generation_1"]) == len(r["seconds_per_generation_2"]) == 2
-    assert len(r["bytes_per_generation"]) == 2 and all(0 < b < 10_000 for b in r["bytes_per_generation"])
+    # seeds, fitness, coefficients and markers for the kept adapter and the flags: under 3 kB
+    assert len(r["bytes_per_generation"]) == 2 and all(0 < b < 3_000 for b in r["bytes_per_generation"])
     one, two = r["seconds_per_generation_1"][1:], r["seconds_per_generation_2"][1:]  # after the warm-up
     assert r["speedup_1_over_N"] == pytest.approx(statistics.median(one) / statistics.median(two), abs=1e-3)
     assert json.loads(out.read_text())["rung6"]["bytes_per_generation"] == r["bytes_per_generation"]
