@@ -173,6 +173,17 @@ def layer_sigmas(mean_abs, sigma, per_layer):
     return {name: sigma * value / average for name, value in mean_abs.items()}
 
 
+def start_state(shapes, args, mean_abs=None):
+    """The ES state at generation 0: each matrix's sigma (per matrix from the base's mean |W|, or
+    one global sigma without mean_abs) and, in adapter mode, the initial adapter."""
+    per_matrix = mean_abs is not None
+    state = {"shapes": shapes,
+             "sigmas": layer_sigmas(mean_abs if per_matrix else {k: 1.0 for k in shapes}, args.sigma, per_matrix)}
+    if args.mode == "adapter":
+        state["adapter"] = init_adapter(shapes, args.rank, args.init_b, args.seed)
+    return state
+
+
 def active_factor(generation):
     """B in odd generations, A in even ones (one factor per generation: no eps_B eps_A cross term)."""
     return "B" if generation % 2 == 1 else "A"
@@ -508,18 +519,13 @@ def main(argv=None):
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = support.engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path, max_model_len,
                              apply_update)  # --engines N: N engines as Ray actors behind one engine's interface
-    state = {"shapes": shapes}
     if args.resume:
-        state["sigmas"] = json.loads((run_dir / "sigmas.json").read_text())
-    else:  # per-matrix sigma from the base's weights, once per run
-        mean_abs = engine.mean_abs(list(shapes)) if args.layer_sigma else {k: 1.0 for k in shapes}
-        state["sigmas"] = layer_sigmas(mean_abs, args.sigma, args.layer_sigma)
-        (run_dir / "sigmas.json").write_text(json.dumps(state["sigmas"], indent=1))
-    if args.mode == "adapter":
-        if args.resume:
+        state = {"shapes": shapes, "sigmas": json.loads((run_dir / "sigmas.json").read_text())}
+        if args.mode == "adapter":
             state["adapter"] = {k: {"A": A, "B": B} for k, (A, B) in factors.items()}
-        else:
-            state["adapter"] = init_adapter(shapes, args.rank, args.init_b, args.seed)
+    else:  # per-matrix sigma from the base's weights, once per run
+        state = start_state(shapes, args, engine.mean_abs(list(shapes)) if args.layer_sigma else None)
+        (run_dir / "sigmas.json").write_text(json.dumps(state["sigmas"], indent=1))
     if hasattr(engine, "keep"):  # several engines: each keeps its own copy of the state and updates it
         engine.keep(state)
     evolved = sum(args.rank * (o + i) if args.mode == "adapter" else o * i for o, i in shapes.values())

@@ -101,8 +101,7 @@ class Method:
         self.engine = self.rung.make_engine(self.args, model_dir, tokenizer, None, max_model_len)
         if self.rung is rung6:  # the state es_llm_lora.main builds (global sigma)
             shapes = support.linear_shapes(model_dir, self.args.target_modules, self.args.layers)
-            self.state = {"shapes": shapes, "sigmas": rung6.layer_sigmas({k: 1.0 for k in shapes}, self.args.sigma, False),
-                          "adapter": rung6.init_adapter(shapes, self.args.rank, self.args.init_b, self.args.seed)}
+            self.state = rung6.start_state(shapes, self.args)
         self.ids = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in self.problems]
         self.support = support
 

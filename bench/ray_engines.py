@@ -54,17 +54,11 @@ def run(rung, engine, tokenizer, args, generations, state=None):
     return seconds, traffic, engine.checksum() if rung is rung5 else llm_ray.state_checksum(state)
 
 
-def rung6_state(args, model):
-    """Rung 6's ES state at the start of a run (global sigma): shapes, sigmas, the initial adapter."""
-    shapes = support.linear_shapes(model, args.target_modules, args.layers)
-    return {"shapes": shapes, "sigmas": {k: args.sigma for k in shapes},
-            "adapter": rung6.init_adapter(shapes, args.rank, args.init_b, args.seed)}
-
-
 def compare(rung, model, tokenizer, flags, a):
     """One engine in this process, then a pool of a.engines on the local Ray: the bench's numbers."""
     one_args = rung.parse_args(flags)
-    state = rung6_state(one_args, model) if rung is rung6 else None
+    shapes = support.linear_shapes(model, one_args.target_modules, one_args.layers) if rung is rung6 else None
+    state = rung6.start_state(shapes, one_args) if rung is rung6 else None  # global sigma
     one = rung.make_engine(one_args, model, tokenizer)
     s1, _, sum1 = run(rung, one, tokenizer, one_args, a.generations, state)
     one.close()
@@ -73,7 +67,7 @@ def compare(rung, model, tokenizer, flags, a):
     pool = support.engines(rung.make_engine, rung.evaluate_members, pool_args, model, tokenizer,
                            apply_update=rung6.apply_update if rung is rung6 else None)
     if rung is rung6:
-        state = rung6_state(pool_args, model)
+        state = rung6.start_state(shapes, pool_args)
         pool.keep(state)
     start = time.perf_counter() - t0
     sN, bytes_per_gen, sumN = run(rung, pool, tokenizer, pool_args, a.generations, state)
