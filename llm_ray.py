@@ -157,9 +157,9 @@ class EngineActor:
 
     def evaluate_members(self, problems, members, *extra):
         clock = support.Stopwatch()
-        fitness, tokens = self.evaluate(self.engine, self.chat, self.task, problems, members, *self._local(extra),
-                                        clock)
-        return fitness, tokens, clock.seconds
+        fitness, tokens, nonfinite = self.evaluate(self.engine, self.chat, self.task, problems, members,
+                                                   *self._local(extra), clock)
+        return fitness, tokens, nonfinite, clock.seconds
 
     def update(self, coeffs, *extra):
         if self.apply is None:
@@ -271,8 +271,8 @@ class EnginePool:
                  for k, share in enumerate(self.shares(members)) if share]
         results = self._run("the evaluation of its members", calls)
         for part in ("perturb", "rollout", "restore"):
-            clock.seconds[part] = clock[part] + max(r[2].get(part, 0.0) for r in results)
-        return [f for r in results for f in r[0]], sum(r[1] for r in results)
+            clock.seconds[part] = clock[part] + max(r[3].get(part, 0.0) for r in results)
+        return [f for r in results for f in r[0]], sum(r[1] for r in results), sum(r[2] for r in results)
 
     def update(self, coeffs, step):
         """Every engine applies the same update; then their checksums must agree."""

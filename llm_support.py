@@ -90,6 +90,10 @@ class EngineArgs:
                                                "min": 1})
     ray_address: str = field(default="", metadata={"help": "With --engines N: address of a running Ray cluster "
                                                            "(ray start --head prints it); empty: a local Ray."})
+    stop_on_degenerate: bool = field(default=False, metadata={
+        "help": "Stop the run (checkpoint kept) at the first degenerate generation: every member scored the same "
+                "(no update), or some member answered from inf/NaN logits. Without it such generations are "
+                "reported once and counted in metrics.csv's degenerate column."})
 
 
 def build_parser(args_class, description):
@@ -599,6 +603,38 @@ class CpuRepack:
             self.now()
 
 
+class NonFiniteLogits:
+    """Counts the forward calls of the layer that makes the logits (HF: the output embedding; vLLM:
+    model.logits_processor) whose output held inf or NaN: greedy answers from such logits are argmax
+    of garbage (token 0), so a member that blew up is reported instead of scored as if it had
+    answered. take() returns the count since the last take() and resets it; one host sync per take."""
+
+    def __init__(self, module):
+        self.bad = None
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out):
+        if isinstance(out, torch.Tensor):
+            bad = (~torch.isfinite(out)).any().to(torch.int64)  # stays on the device: no sync per step
+            self.bad = bad if self.bad is None else self.bad + bad
+
+    def take(self):
+        count, self.bad = (int(self.bad) if self.bad is not None else 0), None
+        return count
+
+
+def clear_kv_cache(worker):
+    """Zero every KV-cache tensor of a vLLM worker. Why: vLLM reuses freed KV blocks without clearing
+    them, and attention reads whole blocks, weighting the slots past a request's length by 0; a
+    member whose forward overflowed leaves inf/NaN in its blocks, and 0 * NaN = NaN, so a later
+    request that gets such a block answers from NaN logits although the weights were restored
+    (measured: after a member at sigma 1e9, 5-6 of 10 answers at the restored weights changed, on
+    different prompts in each call). Zeros are what a never-used block holds; costs one memset of
+    the cache (--kv-cache-gb) per call."""
+    for cache in worker.model_runner.kv_caches:
+        cache.zero_()
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Fast path of the weight work: all cores, and the mirrored pair's noise drawn once
 # ----------------------------------------------------------------------------------------------
@@ -807,7 +843,8 @@ def resume_point(run_dir):
 
 METRICS = ["generation", "train_reward_mean", "train_reward_std", "train_reward_min", "train_reward_max",
            "eval_reward", "eval_reward_scaled", "eval_accuracy", "eval_response_chars", "eval_truncated",
-           "seconds_generate", "seconds_weights", "seconds_eval", "seconds_total", "train_tokens", "tokens_per_s"]
+           "seconds_generate", "seconds_weights", "seconds_eval", "seconds_total", "train_tokens", "tokens_per_s",
+           "degenerate", "nonfinite"]
 
 
 def read_metrics(path):
@@ -873,9 +910,23 @@ def eval_line(generation, ev):
             f"truncated {ev['eval_truncated']:.2f}")
 
 
-def generation_row(generation, fitness, clock, tokens):
-    """The training columns of one generation's metrics row."""
-    return {"generation": generation, "train_reward_mean": float(np.mean(fitness)),
+def degenerate(fitness, nonfinite):
+    """Why a generation taught nothing, with what to try, or "" when it did not: every member scored
+    the same (shaping gives zeros: no update), or members answered from inf/NaN logits."""
+    if nonfinite:
+        return ("members answered from inf/NaN logits (their forward pass blew up, so their rewards say "
+                "nothing about the model): --sigma may be too large for this model or dtype")
+    if np.all(np.asarray(fitness) == fitness[0]):
+        return (f"all {len(fitness)} members scored {fitness[0]:.4g}, so this generation makes no update: "
+                "--sigma may be too large (every member broken alike) or too small (no member differs)")
+    return ""
+
+
+def generation_row(generation, fitness, clock, tokens, nonfinite=0):
+    """The training columns of one generation's metrics row. nonfinite: members whose answers came
+    from inf/NaN logits (rung 5), or 1 when the population's one batched call had any (rung 6)."""
+    return {"generation": generation, "degenerate": int(bool(degenerate(fitness, nonfinite))),
+            "nonfinite": nonfinite, "train_reward_mean": float(np.mean(fitness)),
             "train_reward_std": float(np.std(fitness)), "train_reward_min": float(np.min(fitness)),
             "train_reward_max": float(np.max(fitness)), "seconds_generate": round(clock["rollout"], 3),
             "seconds_weights": round(clock["perturb"] + clock["restore"] + clock["update"], 3),
@@ -935,32 +986,46 @@ def evaluate(task, chat, problems, run_dir, generation, show):
 
 
 def run_generations(args, start, log, step, evaluate_at, save, plot):
-    """Generations start+1 .. args.generations: step(generation, clock) -> (fitness, tokens) is
-    the rung's ES generation; evaluate_at(generation) -> eval columns at 0 (a new run), every
+    """Generations start+1 .. args.generations: step(generation, clock) -> (fitness, tokens,
+    members with non-finite logits) is the rung's ES generation; a degenerate generation is
+    reported once (and every time it is counted in metrics.csv), or stops the run with
+    --stop-on-degenerate; evaluate_at(generation) -> eval columns at 0 (a new run), every
     --eval-every and at the end; one metrics row per generation; save(done, final) every
     --save-every and at the end; plot() at the end. Ctrl-C saves the last completed generation
-    (never a half-applied update: the Stopwatch says whether the update was running) and returns
-    False; True when the run is complete."""
+    (never a half-applied update: the Stopwatch says whether the update was running). Returns the
+    exit status: 0 complete, 130 interrupted, 3 stopped by --stop-on-degenerate."""
     from tqdm import tqdm
-    done, generation, clock = start, start, Stopwatch()
+    done, generation, clock, reported = start, start, Stopwatch(), 0
     try:
         if start == 0:
             log.log({"generation": 0, **evaluate_at(0)})
         bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
         for generation in bar:
             t_start, clock = time.time(), Stopwatch()
-            fitness, tokens = step(generation, clock)
+            fitness, tokens, nonfinite = step(generation, clock)
             done = generation
-            row = generation_row(generation, fitness, clock, tokens)
+            row = generation_row(generation, fitness, clock, tokens, nonfinite)
+            why = degenerate(fitness, nonfinite)
+            if why and (getattr(args, "stop_on_degenerate", False) or not reported):
+                tqdm.write(f"generation {generation} is degenerate: {why}"
+                           + ("" if args.stop_on_degenerate else " (reported once; metrics.csv counts them)"))
+            reported += bool(why)
             if generation % args.eval_every == 0 or generation == args.generations:
                 row.update(evaluate_at(generation))
             row["seconds_total"] = round(time.time() - t_start, 3)
             log.log(row)
             bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
                             gen_share=f"{clock['rollout'] / row['seconds_total']:.0%}")
+            if why and args.stop_on_degenerate:
+                print(f"--stop-on-degenerate: stopping after generation {generation}")
+                save(generation, True)
+                plot()
+                return 3
             if args.save_every and generation % args.save_every == 0 and generation < args.generations:
                 save(generation, False)
         bar.close()
+        if reported:
+            print(f"{reported} of {generation - start} generations were degenerate (metrics.csv: degenerate)")
     except KeyboardInterrupt:
         if clock.inside == "update":  # a half-applied update must not become a checkpoint
             print("\ninterrupted during an update: keeping the last saved checkpoint")
@@ -969,7 +1034,7 @@ def run_generations(args, start, log, step, evaluate_at, save, plot):
             print(f"\ninterrupted: saving the checkpoint after generation {done}")
             save(done, True)
         plot()
-        return False
+        return 130
     save(args.generations, True)
     plot()
-    return True
+    return 0

@@ -115,7 +115,7 @@ def timed_es_generation(rung5, engine, tokenizer, problems, args):
     clock = support.Stopwatch()
     chat = support.make_chat(engine, tokenizer, clock)  # clock["generate"]: the engine's generate calls
     t0 = time.perf_counter()
-    fitness, tokens = rung5.es_generation(engine, chat, task, problems, es_args, 1, clock)
+    fitness, tokens, _ = rung5.es_generation(engine, chat, task, problems, es_args, 1, clock)
     total = time.perf_counter() - t0
     parts = {"perturb": clock["perturb"], "generate": clock["generate"], "score": clock["rollout"] - clock["generate"],
              "restore": clock["restore"], "update": clock["update"]}

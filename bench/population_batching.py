@@ -113,9 +113,9 @@ class Method:
             return sum(len(t) for t, _ in out), len(out)
         if self.rung.SCRIPT == "es_llm_vllm":
             chat = self.support.make_chat(self.engine, self.tokenizer, clock)
-            _, tokens = self.rung.es_generation(self.engine, chat, self.task, self.problems, self.args, generation, clock)
+            _, tokens, _ = self.rung.es_generation(self.engine, chat, self.task, self.problems, self.args, generation, clock)
         else:
-            _, tokens = self.rung.es_generation(self.engine, self.tokenizer, self.task, self.problems, self.state,
+            _, tokens, _ = self.rung.es_generation(self.engine, self.tokenizer, self.task, self.problems, self.state,
                                                 self.args, generation, clock)
         return tokens, n * len(self.problems)
 

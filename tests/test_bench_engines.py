@@ -51,7 +51,7 @@ def test_timed_es_generation_is_the_training_loops_generation(tiny):
 
     task = tasks.Task("countdown", problems, [], bench.tie_broken_reward)
     loop_args = es.parse_args(["--population-size", "4", "--lr", "1e-3", "--sigma", "1e-2", "--seed", "3"])
-    fitness, tokens = es.es_generation(direct, support.make_chat(direct, tokenizer), task, problems, loop_args, 1,
+    fitness, tokens, _ = es.es_generation(direct, support.make_chat(direct, tokenizer), task, problems, loop_args, 1,
                                        support.Stopwatch())
     assert e["fitness"] == fitness and e["tokens"] == tokens
     assert timed.checksum() == direct.checksum()

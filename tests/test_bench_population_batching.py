@@ -43,7 +43,7 @@ def test_the_benchmarked_adapter_step_is_rung_6s_training_step(tmp_path):
     state = {"shapes": shapes, "sigmas": rung6.layer_sigmas({k: 1.0 for k in shapes}, method.args.sigma, False),
              "adapter": rung6.init_adapter(shapes, 1, method.args.init_b, 0)}
     engine = rung6.make_engine(method.args, str(tiny), tokenizer)
-    _, expected_tokens = rung6.es_generation(engine, tokenizer, task, task.train, state, method.args, 1,
+    _, expected_tokens, _ = rung6.es_generation(engine, tokenizer, task, task.train, state, method.args, 1,
                                              support.Stopwatch())
     assert tokens == expected_tokens
     for name, ab in state["adapter"].items():

@@ -94,6 +94,52 @@ def test_batched_member_answers_equal_the_merged_member_generated_alone(chaotic_
     assert engine.generate(ids) == alone(chaotic_dir, tokenizer, ids, {})  # nothing served: the base
 
 
+def population_with_an_exploding_member(shapes, mode, rank=2, sigma=0.3, n=4):
+    """A normal population of n members, and the same with member 1's factors at 1e9 (its forward
+    is non-finite)."""
+    members = es.member_seeds(3, 1, n, mirrored=True)
+    sigmas = es.layer_sigmas({k: 1.0 for k in shapes}, sigma, False)
+    if mode == "adapter":
+        population, _ = es.adapter_population(es.init_adapter(shapes, rank, 0.05, 0), members, sigmas, "B", 1.0)
+    else:
+        population = es.eggroll_population(shapes, members, sigmas, rank)
+    exploding = {}
+    for name, (A, B) in population.items():
+        A, B = A.clone(), B.clone()
+        A[1], B[1] = 1e9, 1e9
+        exploding[name] = (A, B)
+    return population, exploding
+
+
+def exploding_member_leaves_no_trace(engine, ids, population, exploding, n=4):
+    """The other members answer as in the normal population, in the same call; afterwards the base
+    answers as before, on two calls (a vLLM engine reuses KV blocks across calls)."""
+    rows = [k for k in range(n) for _ in ids]
+    engine.serve(None)
+    engine.nonfinite()
+    base = engine.generate(ids * n)  # as many rows as the population's call: they reuse its KV blocks
+    engine.serve(population)
+    normal = engine.generate(ids * n, rows)
+    assert engine.nonfinite() == 0
+    engine.serve(exploding)
+    out = engine.generate(ids * n, rows)
+    assert engine.nonfinite() > 0  # member 1 really blew up
+    k = len(ids)
+    assert out[k:2 * k] != normal[k:2 * k]
+    assert out[:k] == normal[:k] and out[2 * k:] == normal[2 * k:]  # the other members are untouched
+    engine.serve(None)
+    assert engine.generate(ids * n) == base
+    assert engine.generate(ids * n) == base
+    assert engine.nonfinite() == 0
+
+
+@pytest.mark.parametrize("mode", ["adapter", "eggroll"])
+def test_hf_engine_an_exploding_member_leaves_no_trace(chaotic_dir, mode):
+    engine, tokenizer, _ = make_engine(chaotic_dir, "--mode", mode, "--rank", "2")
+    shapes = {name: tuple(w.shape) for name, w in engine.slots}
+    exploding_member_leaves_no_trace(engine, prompt_ids(tokenizer), *population_with_an_exploding_member(shapes, mode))
+
+
 # ---------------------------------------------------------------- the updates against the formulas
 
 def toy_adapter(seed=0):
@@ -142,7 +188,7 @@ def test_generations_alternate_b_then_a_and_touch_only_the_active_factor(counter
              "sigmas": es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)}
     for generation, active in [(1, "B"), (2, "A"), (3, "B")]:
         before = {k: {f: t.clone() for f, t in ab.items()} for k, ab in state["adapter"].items()}
-        fitness, _ = es.es_generation(engine, tokenizer, task, task.train, state, args, generation, support.Stopwatch())
+        fitness, _, _ = es.es_generation(engine, tokenizer, task, task.train, state, args, generation, support.Stopwatch())
         assert len(set(fitness)) > 1  # the members differ, so the update is not zero
         moved = {f for k, ab in state["adapter"].items() for f in "AB" if not torch.equal(ab[f], before[k][f])}
         assert moved == {active}, generation
@@ -357,6 +403,22 @@ def test_vllm_serves_the_population_and_the_saved_adapter_with_the_hf_engine_tok
         engine.serve(None)
         hf.serve(None)
         assert engine.generate(ids) == hf.generate(ids)
+        exploding_member_leaves_no_trace(engine, ids, *population_with_an_exploding_member(shapes, "adapter"))
+    finally:
+        engine.close()
+
+
+@needs_vllm
+def test_vllm_eggroll_an_exploding_member_leaves_no_trace(chaotic_dir):
+    from transformers import AutoTokenizer
+    args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--mode", "eggroll", "--rank", "2",
+                          "--population-size", "4", "--max-new-tokens", "12", "--dtype", "float32"])
+    tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
+    shapes = support.linear_shapes(chaotic_dir, args.target_modules)
+    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    try:
+        exploding_member_leaves_no_trace(engine, prompt_ids(tokenizer),
+                                         *population_with_an_exploding_member(shapes, "eggroll"))
     finally:
         engine.close()
 

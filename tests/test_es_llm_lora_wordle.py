@@ -34,6 +34,9 @@ class ScriptedPopulation:
         texts = [self.answer(m, (p.count(self.user) - 1) // 2) for p, m in zip(prompts, members)]
         return [(self.tokenizer(t, add_special_tokens=False)["input_ids"], False) for t in texts]
 
+    def nonfinite(self):
+        return 0  # scripted answers: no logits
+
     def close(self):
         pass
 

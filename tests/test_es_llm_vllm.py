@@ -191,7 +191,7 @@ def test_one_es_generation_equals_the_formula_computed_by_hand(chaotic_dir, shap
     gen = torch.Generator().manual_seed(5)
     probe = [torch.randn(m.shape, generator=gen, dtype=torch.float64) for m in engine.master]
     task = LinearInTheWeights(engine, probe)
-    fitness, _ = es.es_generation(engine, None, task, [{}], args, generation, support.Stopwatch())
+    fitness, _, _ = es.es_generation(engine, None, task, [{}], args, generation, support.Stopwatch())
 
     members = oracle_members(seed, generation, n, mirrored)
     eps = {s: [oracle_noise(s, t, m.shape) for t, m in enumerate(theta)] for s, _ in members}
@@ -519,6 +519,57 @@ def test_vllm_perturb_restore_is_bit_exact_over_100_cycles_in_bf16(vllm_engine):
     assert changed_output == 4
     assert engine.checksum() == before
     assert engine.generate(ids) == base_out
+
+
+def exploding_member_leaves_no_trace(engine, ids):
+    """Answers at theta; a member whose forward is non-finite (sigma 1e9); restore; the same answers,
+    on two calls (vLLM reuses KV blocks across calls: a stale NaN block changes later answers)."""
+    engine.nonfinite()
+    base, before = engine.generate(ids), engine.checksum()
+    assert engine.nonfinite() == 0
+    engine.perturb(123, 1e9)
+    exploded = engine.generate(ids)
+    assert engine.nonfinite() > 0 and exploded != base  # the member really blew up
+    engine.restore()
+    assert engine.checksum() == before
+    assert engine.generate(ids) == base
+    assert engine.generate(ids) == base
+    assert engine.nonfinite() == 0
+
+
+def test_hf_engine_answers_as_before_after_an_exploding_member(chaotic_dir):
+    engine, tokenizer, _ = make_engine(chaotic_dir)
+    exploding_member_leaves_no_trace(engine, prompts(tokenizer)[1])
+
+
+def test_an_exploding_generation_is_reported_counted_and_stops_only_when_asked(counter_dir, tmp_path, capsys):
+    run_dir = run_main(counter_dir, tmp_path, "--sigma", "1e9", "--generations", "2", "--eval-every", "1",
+                       "--population-size", "4")
+    out = capsys.readouterr().out
+    assert out.count("is degenerate") == 1 and "--sigma may be too large" in out  # said once
+    assert "2 of 2 generations were degenerate" in out
+    rows = support.read_metrics(run_dir / "metrics.csv")
+    assert [r["degenerate"] for r in rows[1:]] == [1, 1] and all(r["nonfinite"] > 0 for r in rows[1:])
+    assert [r["eval_reward"] for r in rows] == [rows[0]["eval_reward"]] * 3  # no update: held-out unchanged
+    with pytest.raises(SystemExit) as stop:
+        run_main(counter_dir, tmp_path / "stop", "--sigma", "1e9", "--generations", "3", "--population-size", "4",
+                 "--stop-on-degenerate")
+    assert stop.value.code == 3
+    stopped = next((tmp_path / "stop").iterdir())
+    assert [r["generation"] for r in support.read_metrics(stopped / "metrics.csv")] == [0, 1]
+    assert (stopped / "checkpoint").is_dir()
+
+
+def test_a_normal_generation_is_not_degenerate():
+    assert support.degenerate([-3.0, -2.0, -2.5, -4.0], 0) == ""
+    assert "all 4 members scored -1.5" in support.degenerate([-1.5] * 4, 0)
+    assert "inf/NaN" in support.degenerate([-3.0, -2.0, -2.5, -4.0], 1)
+
+
+@needs_vllm
+def test_vllm_answers_as_before_after_an_exploding_member(vllm_engine):
+    engine, tokenizer = vllm_engine
+    exploding_member_leaves_no_trace(engine, prompts(tokenizer)[1])
 
 
 @needs_vllm

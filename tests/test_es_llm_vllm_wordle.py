@@ -309,6 +309,9 @@ class ScriptedEngine:
         texts = [self.answer((p.count(self.user) - 1) // 2) for p in prompts]
         return [(self.tokenizer(t, add_special_tokens=False)["input_ids"], False) for t in texts]
 
+    def nonfinite(self):
+        return 0  # scripted answers: no logits
+
     def perturb(self, member_seed, scale):
         self.sign = 1 if scale > 0 else -1
 
