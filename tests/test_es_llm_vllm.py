@@ -355,14 +355,16 @@ def test_an_unreachable_hugging_face_id_fails_within_seconds(monkeypatch, tmp_pa
         support.resolve_model("es-ladder-tests/no-such-model", tmp_path)
 
 
-def test_auto_dtype_follows_the_cpu(monkeypatch):
+def test_auto_dtype_is_float32_on_every_cpu_and_bfloat16_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert es.parse_args([]).dtype == "float32"
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert es.parse_args([]).dtype == "bfloat16"
+    for bf16 in (False, True):  # AVX-512-BF16 or not: the dtype that repeats
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: bf16, raising=False)
+        assert es.parse_args([]).dtype == "float32"
+    assert es.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
     assert es.parse_args(["--dtype", "float16"]).dtype == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert es.parse_args([]).dtype == "bfloat16"
 
 
 def test_offline_default_model_message_when_package_missing(monkeypatch, tmp_path):
@@ -405,6 +407,65 @@ def run_main(model_dir, out_dir, *flags):
             "--dtype", "bfloat16",
             "--population-size", "4", "--sigma", "0.01", "--lr", "1e-3", "--show", "0", *flags]
     return es.main(argv)
+
+
+def test_per_tensor_sigma_and_its_update_equal_the_docstring_formula(chaotic_dir):
+    engine, _, args = make_engine(chaotic_dir, "--dtype", "float32", "--layer-sigma", "--no-mirrored")
+    theta = [m.double().clone() for m in engine.master]
+    stats = engine.weight_stats()
+    assert [n for n, _, _ in stats] == [n for n, _ in engine.slots]
+    overall = sum(float(t.abs().sum()) for t in theta) / sum(t.numel() for t in theta)  # mean |W| over all weights
+    sigma = 0.01
+    expected = [sigma * float(t.abs().mean()) / overall for t in theta]
+    got = es.tensor_sigmas([(m, k) for _, m, k in stats], sigma, True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert max(got) / min(got) > 5  # norms (|w| ~ 1) and matrices (|w| ~ 0.06) really differ
+    assert es.tensor_sigmas([(m, k) for _, m, k in stats], sigma, False) == [sigma] * len(stats)
+    ratios = [g / sigma for g in got]
+    engine.scale_noise(ratios)
+    engine.perturb(7, -sigma)  # member at theta - sigma_t * eps_t
+    for t, ((name, w), th) in enumerate(zip(engine.slots, theta)):
+        eps = oracle_noise(7, t, th.shape)
+        torch.testing.assert_close(w.double(), th - expected[t] * eps, rtol=0, atol=1e-6, msg=name)
+    engine.restore()
+    lr, n = 0.003, 4
+    coeffs = {7: 0.5, 9: -1.25}
+    engine.update(coeffs, lr / (n * sigma))
+    for t, (m, th) in enumerate(zip(engine.master, theta)):  # theta_t += lr/(N sigma_t) sum_i c_i eps_i,t
+        g = sum(c * oracle_noise(s, t, th.shape) for s, c in coeffs.items()) / (n * expected[t])
+        torch.testing.assert_close(m.double(), th + lr * g, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_sigma_run_saves_its_sigmas_and_resumes_with_them(counter_dir, tmp_path):
+    from safetensors.torch import load_file
+    flags = ["--layer-sigma", "--eval-every", "2", "--save-every", "0"]
+    full = run_main(counter_dir, tmp_path / "a", "--generations", "3", *flags)
+    part = run_main(counter_dir, tmp_path / "b", "--generations", "2", *flags)
+    sigmas = json.loads((full / "sigmas.json").read_text())
+    engine, _, _ = make_engine(counter_dir)
+    stats = engine.weight_stats()
+    assert list(sigmas) == [n for n, _, _ in stats]
+    assert list(sigmas.values()) == es.tensor_sigmas([(m, k) for _, m, k in stats], 0.01, True)  # the base's, exactly
+    assert es.main(["--resume", str(part), "--generations", "3"]) == part
+    assert json.loads((part / "sigmas.json").read_text()) == sigmas
+    a, b = load_file(full / "checkpoint" / "model.safetensors"), load_file(part / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+TIMES = {"seconds_generate", "seconds_weights", "seconds_eval", "seconds_total", "tokens_per_s"}
+
+
+def same_run(a, b):
+    """Two run folders of the same command: every metrics.csv column but the timings, and the weights."""
+    ra, rb = read_rows(a), read_rows(b)
+    assert [{k: v for k, v in r.items() if k not in TIMES} for r in ra] == \
+           [{k: v for k, v in r.items() if k not in TIMES} for r in rb]
+    assert (a / "checkpoint" / "model.safetensors").read_bytes() == (b / "checkpoint" / "model.safetensors").read_bytes()
+
+
+def test_the_same_command_twice_gives_the_same_run_in_float32(counter_dir, tmp_path):
+    flags = ["--dtype", "float32", "--generations", "3", "--eval-every", "1", "--layer-sigma"]
+    same_run(run_main(counter_dir, tmp_path / "a", *flags), run_main(counter_dir, tmp_path / "b", *flags))
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(counter_dir, tmp_path):
@@ -570,6 +631,12 @@ def test_a_normal_generation_is_not_degenerate():
 def test_vllm_answers_as_before_after_an_exploding_member(vllm_engine):
     engine, tokenizer = vllm_engine
     exploding_member_leaves_no_trace(engine, prompts(tokenizer)[1])
+
+
+@needs_vllm
+def test_vllm_the_same_command_twice_gives_the_same_run_in_float32(counter_dir, tmp_path):
+    flags = ["--engine", "vllm", "--dtype", "float32", "--generations", "2", "--eval-every", "1", "--layer-sigma"]
+    same_run(run_main(counter_dir, tmp_path / "a", *flags), run_main(counter_dir, tmp_path / "b", *flags))
 
 
 @needs_vllm

@@ -312,6 +312,12 @@ class ScriptedEngine:
     def nonfinite(self):
         return 0  # scripted answers: no logits
 
+    def weight_stats(self):
+        return []  # no weights
+
+    def scale_noise(self, ratios):
+        pass
+
     def perturb(self, member_seed, scale):
         self.sign = 1 if scale > 0 else -1
 
