@@ -27,7 +27,7 @@ the error per coordinate of vanilla (mean baseline) over mirrored is 0.47 at sig
 true gradient is 0.136 (vanilla) vs 0.120 (mirrored) at the initial weights and 0.111 vs 0.121
 after 500 generations of es_basic.py. Training to 90% held-out accuracy took 9,500 forward passes
 on average over seeds 0-4 (7,000-12,500) against es_basic's 9,800 (7,500-11,500): no real
-difference at the default sigma. The script prints the like-for-like comparison at the end.
+difference at the default sigma. bench/estimator_quality.py holds that study and its estimators.
 
 Shaping: z-score (default, as in es_basic) or centered ranks in [-0.5, 0.5] (OpenAI ES), which
 ignore how far apart fitness values are and only keep their order: robust to outliers.
@@ -35,8 +35,7 @@ ignore how far apart fitness values are and only keep their order: robust to out
 Run:   python es_mirrored.py                 (or --shaping centered_rank)
 See:   about 93% held-out accuracy after 500 generations (93.1% with seed 0, 89.7-96.2% over seeds
        0-4; 25,000 forward passes, about 25 s on a 2-core CPU), the forward passes needed to reach
-       90%, the vanilla-vs-mirrored comparison at equal evaluations (a few seconds), then the same
-       network trained with Adam. Output in runs/es_mirrored__<seed>__<time>/.
+       90%, then the same network trained with Adam. Output in runs/es_mirrored__<seed>__<time>/.
 """
 
 import argparse
@@ -73,7 +72,6 @@ class Args:
     n_test: int = field(default=2048, metadata={"help": "held-out points for the reported accuracy"})
     adam_steps: int = field(default=300, metadata={"help": "full-batch Adam steps of the gradient baseline; 0 skips it"})
     shaping: str = field(default="zscore", metadata={"help": "fitness shaping: zscore or centered_rank (in [-0.5, 0.5])"})
-    compare_trials: int = field(default=10, metadata={"help": "estimates per method in the vanilla-vs-mirrored comparison printed at the end; 0 skips it"})
 
 
 def parse_args(argv=None) -> Args:
@@ -95,8 +93,6 @@ def parse_args(argv=None) -> Args:
         parser.error("--lr must be > 0")
     if args.generations < 1 or args.eval_every < 1:
         parser.error("--generations and --eval-every must be >= 1")
-    if args.compare_trials < 0:
-        parser.error("--compare-trials must be >= 0")
     if args.hidden < 1 or args.n_train < 1 or args.n_test < 1 or args.adam_steps < 0:
         parser.error("--hidden, --n-train and --n-test must be >= 1, --adam-steps >= 0")
     return args
@@ -208,62 +204,6 @@ def es_gradient(params, seeds, weights, sigma: float):
         for g, eps in zip(grads, sample_eps(params, s)):
             g.add_(float(w) * eps)
     return [g / (n * sigma) for g in grads]
-
-
-def quadratic_estimates(mirrored: bool, dim: int = 100, evaluations: int = 20, sigma: float = 0.1,
-                        trials: int = 400, seed: int = 0):
-    """`trials` ES estimates of the gradient of f(x) = -0.5 ||x - c||^2 at x = 0 (true gradient: c),
-    each from the same number of evaluations N. Like for like with what the rungs really do:
-
-        vanilla:   g = 1/(N sigma) sum_i (f_i - mean f) eps_i        rung 1's z-score without the
-                   division by std (which only rescales g; the mean is the baseline that removes f(0))
-        mirrored:  g = 1/(P sigma) sum_j (f_j+ - f_j-)/2 eps_j,  P = N/2 pairs (a baseline cancels here)
-
-    Returns (estimates (trials, dim), c). Without the mean, vanilla's f(0) eps_i terms dominate: that
-    comparison says nothing about mirroring, since every rung shapes fitness."""
-    g = torch.Generator().manual_seed(seed)
-    c = torch.randn(dim, generator=g, dtype=torch.float64)
-    f = lambda x: -0.5 * ((x - c) ** 2).sum(-1)  # noqa: E731  (x: (trials, k, dim))
-    if mirrored:
-        eps = torch.randn(trials, evaluations // 2, dim, generator=g, dtype=torch.float64)
-        diff = (f(sigma * eps) - f(-sigma * eps)) / 2  # (trials, pairs)
-        est = (diff[..., None] * eps).sum(1) / ((evaluations // 2) * sigma)
-    else:
-        eps = torch.randn(trials, evaluations, dim, generator=g, dtype=torch.float64)
-        fit = f(sigma * eps)  # (trials, N)
-        est = ((fit - fit.mean(1, keepdim=True))[..., None] * eps).sum(1) / (evaluations * sigma)
-    return est, c
-
-
-def toy_estimates(model: nn.Module, x, y, mirrored: bool, sigma: float, evaluations: int, trials: int, seed: int = 0):
-    """`trials` ES estimates of the gradient of this script's fitness at the model's weights, each
-    from N = `evaluations` forward passes with z-score shaping: vanilla is es_basic.py's estimate
-    (N seeds), mirrored this script's (N/2 pairs). Returns (estimates (trials, n_params), the true
-    gradient of the fitness from autograd). Trial t draws its seeds with member_seeds(seed + 7919, t, .),
-    apart from the training seeds. The model's weights are left as they were."""
-    params = list(model.parameters())
-    loss = F.cross_entropy(model(x), y)
-    true = -torch.cat([t.flatten() for t in torch.autograd.grad(loss, params)])  # d fitness / d theta
-    saved = [p.detach().clone() for p in params]
-    ests = []
-    for t in range(trials):
-        seeds = member_seeds(seed + 7919, t, evaluations // 2 if mirrored else evaluations)
-        signs = (1.0, -1.0) if mirrored else (1.0,)
-        fitness = []
-        for s in seeds:
-            for sign in signs:
-                perturb(params, s, sign * sigma)
-                fitness.append(fitness_of(model, x, y))
-                restore(params, saved)
-        shaped = zscore(np.array(fitness))
-        weights = (shaped[0::2] - shaped[1::2]) / 2 if mirrored else shaped
-        ests.append(torch.cat([g.flatten() for g in es_gradient(params, seeds, weights, sigma)]))
-    return torch.stack(ests), true
-
-
-def cosines(estimates, true):
-    """Cosine of each estimate (rows) to the true gradient: 1 = the right direction, ~0 = noise."""
-    return F.cosine_similarity(estimates, true[None].expand_as(estimates), dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,34 +329,12 @@ def main(argv=None):
     print(f"mirrored ES: held-out accuracy {final_acc:.1%} after {len(rows)} generations, {evaluations:,} forward passes, "
           f"{es_seconds:.1f} s; reached {TARGET_ACC:.0%} after "
           + (f"{reached:,} forward passes" if reached else "-- (not reached)"))
-    comparison = {}
-    if args.compare_trials:  # like for like: the same N evaluations, the shaping each rung really uses
-        n = args.compare_trials
-        print(f"vanilla ES (N={args.population_size} seeds, z-score, es_basic.py) against mirrored "
-              f"({args.population_size // 2} pairs) at the same {args.population_size} forward passes:")
-        for name, m in (("initial", make_model(args.hidden, args.seed)), ("final", model)):
-            cos = [cosines(*toy_estimates(m, x, y, mirrored, args.sigma, args.population_size, n, args.seed)).mean().item()
-                   for mirrored in (False, True)]
-            comparison[name] = dict(vanilla=cos[0], mirrored=cos[1])
-            print(f"  {name} weights, sigma {args.sigma:g}: cosine of the estimate to the true gradient (autograd), "
-                  f"mean of {n}: vanilla {cos[0]:.3f}, mirrored {cos[1]:.3f}")
-        quad = []
-        for sigma in (0.1, 1.0, 3.0):
-            mse = [((est - c) ** 2).mean().item() for est, c in (quadratic_estimates(mirrored, sigma=sigma)
-                                                                 for mirrored in (False, True))]
-            comparison[f"quadratic sigma {sigma:g}"] = dict(vanilla=mse[0], mirrored=mse[1])
-            quad.append(f"sigma {sigma:g}: {mse[0]:.3g} vs {mse[1]:.3g}")
-        print("  100-d quadratic, 20 evaluations, error per coordinate (MSE), vanilla with its mean baseline vs "
-              "mirrored: " + " | ".join(quad))
-        print("  mirrored pairs cancel the even-order terms (curvature) but give half as many directions: they pay "
-              "where sigma^2 x curvature outweighs the gradient (large sigma, late in training), not elsewhere")
     if args.adam_steps:
         acc, adam_reached, secs = adam_baseline(args, x, y, x_test, y_test)
         print(f"Adam: held-out accuracy {acc:.1%} after {args.adam_steps} steps (1 forward + 1 backward each), "
               f"{secs:.1f} s; reached {TARGET_ACC:.0%} after " + (f"{adam_reached} steps" if adam_reached else "-- (not reached)"))
     print(f"run folder: {run_dir}")
-    return {"initial_acc": initial_acc, "final_acc": final_acc, "reached": reached, "rows": rows, "run_dir": run_dir,
-            "comparison": comparison}
+    return {"initial_acc": initial_acc, "final_acc": final_acc, "reached": reached, "rows": rows, "run_dir": run_dir}
 
 
 if __name__ == "__main__":
