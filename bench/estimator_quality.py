@@ -178,7 +178,7 @@ def table(header, rows):
 
 def trained_model(seed, generations, tmp):
     """es_basic.py's model after `generations` generations of its default run (0: the initial weights)."""
-    model = es_basic.make_model(32, seed)
+    model = es_basic.make_model(32, seed, n_classes=3)
     if generations:
         with contextlib.redirect_stdout(io.StringIO()):
             r = es_basic.main(["--seed", str(seed), "--generations", str(generations), "--adam-steps", "0",

@@ -66,7 +66,7 @@ def test_toy_estimates_at_small_sigma_follow_the_linear_formula():
     # P = N - 1 directions for vanilla (after its baseline) and N / 2 for mirrored; d = 1,251.
     torch.set_num_threads(1)
     x, y = es_mirrored.make_rings(512, seed=0)
-    model = es_mirrored.make_model(32, 0)
+    model = es_mirrored.make_model(32, 0, n_classes=3)
     before = [p.detach().clone() for p in model.parameters()]
     cos = {m: eq.cosines(*eq.toy_estimates(model, x, y, m, 0.01, 50, 6, seed=0)).mean().item() for m in (False, True)}
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -100,7 +100,7 @@ def test_oracle_toy_estimate_matches_the_formula(mirrored):
     # 1/(N sigma) sum_i z_i eps_i over N seeds, mirrored this rung's 1/(P sigma) sum_j (z_j+ - z_j-)/2 eps_j.
     seed, N, sigma, hidden = 2, 8, 0.2, 5
     x, y = es_mirrored.make_rings(96, seed=seed)
-    model = es_mirrored.make_model(hidden, seed)
+    model = es_mirrored.make_model(hidden, seed, n_classes=3)
     est, true = eq.toy_estimates(model, x, y, mirrored, sigma, N, trials=2, seed=seed)
     theta = [p.detach().clone() for p in model.parameters()]
     theta_g = [t.clone().requires_grad_() for t in theta]

@@ -127,7 +127,7 @@ def test_oracle_generations_of_main_match_the_docstring_formula(tmp_path, shapin
                  "--hidden", str(hidden), "--generations", str(generations), "--n-train", "96", "--n-test", "32",
                  "--adam-steps", "0", "--shaping", shaping, "--out-dir", str(tmp_path)])
     x, y = es.make_rings(96, seed=seed)
-    theta = [p.detach().clone() for p in es.make_model(hidden, seed).parameters()]
+    theta = [p.detach().clone() for p in es.make_model(hidden, seed, n_classes=3).parameters()]
     start = [t.clone() for t in theta]
     for gen in range(1, generations + 1):
         seeds = oracle_member_seeds(seed, gen, P)  # one seed per pair
