@@ -143,3 +143,66 @@ def test_oracle_generations_of_main_match_the_docstring_formula(tmp_path, shapin
         step = (want - old).abs().max().item()
         assert step > 1e-2  # the update is large against the tolerance
         assert (got - want).abs().max().item() < 3e-5 * step + 1e-7, ((got - want).abs().max(), step)
+
+
+# ---------------------------------------------------------------------------------------------
+# --optimizer adam: two steps pinned against a hand computation (beta1 0.9, beta2 0.999, eps 1e-8),
+# Adam run on the loss gradient -g, so the returned direction d goes up the fitness.
+# ---------------------------------------------------------------------------------------------
+def test_adam_first_two_steps_match_a_hand_computation():
+    state = {}
+    g1 = [torch.tensor([0.5, -2.0], dtype=torch.float64)]
+    # step 1: m = 0.1 * -g1 = [-0.05, 0.2]; v = 0.001 * g1^2 = [0.00025, 0.004]
+    #         bias correction: m_hat = m / (1 - 0.9) = -g1, v_hat = v / (1 - 0.999) = g1^2
+    #         d = -m_hat / (sqrt(v_hat) + 1e-8) = g1 / |g1| = [1, -1] (up to the 1e-8)
+    d1 = es.adam_direction(g1, state)[0]
+    torch.testing.assert_close(d1, torch.tensor([0.5 / (0.5 + 1e-8), -2.0 / (2.0 + 1e-8)], dtype=torch.float64))
+    torch.testing.assert_close(state[("m", 0)], torch.tensor([-0.05, 0.2], dtype=torch.float64))
+    torch.testing.assert_close(state[("v", 0)], torch.tensor([0.00025, 0.004], dtype=torch.float64))
+    g2 = [torch.tensor([1.0, 1.0], dtype=torch.float64)]
+    # step 2: m = 0.9 * [-0.05, 0.2] + 0.1 * [-1, -1] = [-0.145, 0.08]
+    #         v = 0.999 * [0.00025, 0.004] + 0.001 * [1, 1] = [0.00124975, 0.004996]
+    #         m_hat = m / (1 - 0.9^2) = m / 0.19 = [-0.7631579, 0.4210526]
+    #         v_hat = v / (1 - 0.999^2) = v / 0.001999 = [0.6251876, 2.4992496]
+    #         d = -m_hat / (sqrt(v_hat) + 1e-8) = [0.9651820, -0.2663370]: the second weight still goes
+    #         down although g2 says up: momentum from step 1 outweighs one step of opposite sign
+    d2 = es.adam_direction(g2, state)[0]
+    torch.testing.assert_close(d2, torch.tensor([0.9651820136, -0.2663370380], dtype=torch.float64), rtol=1e-8, atol=1e-9)
+    assert state["t"] == 2
+
+
+def test_adam_direction_is_invariant_to_the_scale_of_g():
+    # Why Adam suits ES: the z-score, ranks and raw fitness give g very different scales; Adam's step does not care
+    g = [torch.randn(4, 3, generator=torch.Generator().manual_seed(0))]
+    a, b = es.adam_direction(g, {}), es.adam_direction([1000.0 * g[0]], {})
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+
+
+def test_main_with_adam_applies_lr_times_the_adam_direction(tmp_path):
+    # One generation of main with --optimizer adam moves every weight by lr * sign(g) (Adam's first step).
+    lr = 0.02
+    r = es.main(["--generations", "1", "--population-size", "8", "--n-train", "64", "--n-test", "32", "--hidden", "4",
+                 "--adam-steps", "0", "--optimizer", "adam", "--lr", str(lr), "--out-dir", str(tmp_path)])
+    start = es.make_model(4, 0, n_classes=3).state_dict()
+    saved = torch.load(os.path.join(r["run_dir"], "model.pt"))
+    for k in start:
+        torch.testing.assert_close((saved[k] - start[k]).abs(), torch.full_like(start[k], lr), rtol=1e-4, atol=1e-6)
+
+
+def test_shaping_none_keeps_raw_fitness_and_unknown_optimizer_is_rejected(capsys):
+    f = np.array([3.0, -1.0, 0.25])
+    np.testing.assert_array_equal(es.SHAPINGS["none"](f), f)
+    with pytest.raises(SystemExit):
+        es.parse_args(["--optimizer", "rmsprop"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_raw_fitness_with_too_large_an_lr_warns_that_the_run_diverges(tmp_path, capsys):
+    # Measured: --shaping none diverges at lr >= 3 (training loss 5 to 10^5, fitness still finite); say so.
+    r = es.main(["--shaping", "none", "--lr", "30", "--generations", "30", "--population-size", "20",
+                 "--n-train", "256", "--n-test", "256", "--adam-steps", "0", "--out-dir", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert r["diverged"] is not None and "WARNING" in captured.out + captured.err and "lower --lr" in captured.out
+    ok = es.main(["--generations", "30", "--population-size", "20", "--n-train", "256", "--n-test", "256",
+                  "--adam-steps", "0", "--out-dir", str(tmp_path)])
+    assert ok["diverged"] is None
