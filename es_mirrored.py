@@ -74,8 +74,8 @@ class Args:
     n_test: int = field(default=2048, metadata={"help": "held-out points for the reported accuracy"})
     adam_steps: int = field(default=300, metadata={"help": "full-batch Adam steps of the gradient baseline; 0 skips it"})
     shaping: str = field(default="zscore", metadata={"help": "fitness shaping: zscore, centered_rank (in [-0.5, 0.5]) or "
-                         "none (raw fitness: its differences are ~100x smaller than z-scores here, so lr must be much larger, "
-                         "and too large an lr diverges; the run stops with a message if fitness becomes non-finite)"})
+                         "none (raw fitness: g is much smaller than with z-scores, so lr must be much larger: 0.3 was best here; "
+                         "lr 3 diverges: the run warns, and stops with a message if fitness becomes non-finite)"})
     optimizer: str = field(default="sgd", metadata={"help": "what turns g into a step: sgd (theta += lr * g) or adam (Adam on -g, "
                            "as Salimans et al. did: lr is then about the step per weight, e.g. 0.05)"})
 

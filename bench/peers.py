@@ -21,8 +21,14 @@ Reported per method over seeds: forward passes until the held-out accuracy first
 (measured every --eval-every generations) and the final held-out accuracy, as mean +- std.
 
 Run:   python bench/peers.py                       (pip install -r requirements-bench.txt for EvoTorch)
-See:   a table on the console and bench/results/peers.{json,md,png}; about 1 minute per method and
-       seed group of 5 on a 2-core CPU (one thread). The numbers are in bench/results/peers.md.
+See:   a table on the console and in bench/results/peers.{json,md,png}; 6.4 minutes on a 2-core CPU
+       (one thread). Seeds 0-4, forward passes to 90% and final held-out accuracy, mean +- std:
+       es_basic 9,800 +- 2,110 and 92.3% +- 1.5; es_mirrored 9,500 +- 2,806 and 92.5% +- 2.4;
+       es_mirrored_adam 4,400 +- 418 and 95.7% +- 0.7; snes 6,300 +- 2,225 and 94.6% +- 1.2;
+       pgpe 5,200 +- 975 and 96.7% +- 0.4; pgpe_fixed_sigma 4,900 +- 1,245 and 95.6% +- 0.6.
+       The optimizer closes the gap in speed (Adam 0.85x PGPE's forward passes to 90% on seeds 0-4,
+       1.00x on seeds 3-7 with `--seeds 3,4,5,6,7 --methods es_mirrored_adam,pgpe`); sigma adaptation
+       adds about one point of final accuracy (PGPE 96.7% against 95.6% with a fixed sigma).
 """
 
 import argparse
