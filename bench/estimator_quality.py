@@ -1,7 +1,8 @@
 """How good is one ES gradient estimate? Vanilla against mirrored at equal cost, and the price of dimension.
 
 We maximise fitness. Every comparison holds the number of fitness evaluations N fixed, and uses the
-estimators the rungs really use (es_mirrored.quadratic_estimates / toy_estimates):
+estimators the rungs really use (quadratic_estimates / toy_estimates below, built from
+es_mirrored.py's noise, perturb/restore, shaping and gradient functions):
 
     vanilla:   g = 1/(N sigma) sum_i shaped_i eps_i           shaped = f - mean(f) (quadratic: keeps the
                scale, so the squared error means something) or z-score (toy: es_basic.py's estimate)
@@ -88,15 +89,76 @@ def parse_args(argv=None) -> Args:
     return args
 
 
+# ---------------------------------------------------------------------------------------------
+# The two estimators at equal evaluations, built from es_mirrored.py's pieces (noise from seeds,
+# perturb/restore, z-score, the gradient sum), so the bench measures what the rungs do.
+# ---------------------------------------------------------------------------------------------
+def quadratic_estimates(mirrored: bool, dim: int = 100, evaluations: int = 20, sigma: float = 0.1,
+                        trials: int = 400, seed: int = 0):
+    """`trials` ES estimates of the gradient of f(x) = -0.5 ||x - c||^2 at x = 0 (true gradient: c),
+    each from the same number of evaluations N. Like for like with what the rungs really do:
+
+        vanilla:   g = 1/(N sigma) sum_i (f_i - mean f) eps_i        rung 1's z-score without the
+                   division by std (which only rescales g; the mean is the baseline that removes f(0))
+        mirrored:  g = 1/(P sigma) sum_j (f_j+ - f_j-)/2 eps_j,  P = N/2 pairs (a baseline cancels here)
+
+    Returns (estimates (trials, dim), c). Without the mean, vanilla's f(0) eps_i terms dominate: that
+    comparison says nothing about mirroring, since every rung shapes fitness."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(dim, generator=g, dtype=torch.float64)
+    f = lambda x: -0.5 * ((x - c) ** 2).sum(-1)  # noqa: E731  (x: (trials, k, dim))
+    if mirrored:
+        eps = torch.randn(trials, evaluations // 2, dim, generator=g, dtype=torch.float64)
+        diff = (f(sigma * eps) - f(-sigma * eps)) / 2  # (trials, pairs)
+        est = (diff[..., None] * eps).sum(1) / ((evaluations // 2) * sigma)
+    else:
+        eps = torch.randn(trials, evaluations, dim, generator=g, dtype=torch.float64)
+        fit = f(sigma * eps)  # (trials, N)
+        est = ((fit - fit.mean(1, keepdim=True))[..., None] * eps).sum(1) / (evaluations * sigma)
+    return est, c
+
+
+def toy_estimates(model: torch.nn.Module, x, y, mirrored: bool, sigma: float, evaluations: int, trials: int, seed: int = 0):
+    """`trials` ES estimates of the gradient of this script's fitness at the model's weights, each
+    from N = `evaluations` forward passes with z-score shaping: vanilla is es_basic.py's estimate
+    (N seeds), mirrored es_mirrored.py's (N/2 pairs). Returns (estimates (trials, n_params), the true
+    gradient of the fitness from autograd). Trial t draws its seeds with es_mirrored.member_seeds(seed + 7919, t, .),
+    apart from the training seeds. The model's weights are left as they were."""
+    params = list(model.parameters())
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    true = -torch.cat([t.flatten() for t in torch.autograd.grad(loss, params)])  # d fitness / d theta
+    saved = [p.detach().clone() for p in params]
+    ests = []
+    for t in range(trials):
+        seeds = es_mirrored.member_seeds(seed + 7919, t, evaluations // 2 if mirrored else evaluations)
+        signs = (1.0, -1.0) if mirrored else (1.0,)
+        fitness = []
+        for s in seeds:
+            for sign in signs:
+                es_mirrored.perturb(params, s, sign * sigma)
+                fitness.append(es_mirrored.fitness_of(model, x, y))
+                es_mirrored.restore(params, saved)
+        shaped = es_mirrored.zscore(np.array(fitness))
+        weights = (shaped[0::2] - shaped[1::2]) / 2 if mirrored else shaped
+        ests.append(torch.cat([g.flatten() for g in es_mirrored.es_gradient(params, seeds, weights, sigma)]))
+    return torch.stack(ests), true
+
+
+def cosines(estimates, true):
+    """Cosine of each estimate (rows) to the true gradient: 1 = the right direction, ~0 = noise."""
+    return torch.nn.functional.cosine_similarity(estimates, true[None].expand_as(estimates), dim=1)
+
+
+
 def quadratic_cell(mirrored, dim, evaluations, sigma, trials, seed):
     """(mean squared error per coordinate, mean cosine), in chunks so d x N x trials stays small."""
     chunk = max(1, min(trials, 20_000_000 // (dim * evaluations)))
     sq, cos, done = 0.0, [], 0
     while done < trials:
         k = min(chunk, trials - done)
-        est, c = es_mirrored.quadratic_estimates(mirrored, dim, evaluations, sigma, k, seed=1000 * seed + done)
+        est, c = quadratic_estimates(mirrored, dim, evaluations, sigma, k, seed=1000 * seed + done)
         sq += ((est - c) ** 2).mean().item() * k
-        cos += es_mirrored.cosines(est, c).tolist()
+        cos += cosines(est, c).tolist()
         done += k
     return sq / trials, float(np.mean(cos))
 
@@ -116,7 +178,7 @@ def table(header, rows):
 
 def trained_model(seed, generations, tmp):
     """es_basic.py's model after `generations` generations of its default run (0: the initial weights)."""
-    model = es_basic.make_model(32, seed)
+    model = es_basic.make_model(32, seed, n_classes=3)
     if generations:
         with contextlib.redirect_stdout(io.StringIO()):
             r = es_basic.main(["--seed", str(seed), "--generations", str(generations), "--adam-steps", "0",
@@ -150,7 +212,7 @@ def main(argv=None):
                 model = trained_model(seed, gens, tmp)
                 loss = -es_basic.fitness_of(model, x, y)
                 for sigma in floats(args.toy_sigmas):
-                    cos = [es_mirrored.cosines(*es_mirrored.toy_estimates(model, x, y, m, sigma, 50, args.toy_trials, seed))
+                    cos = [cosines(*toy_estimates(model, x, y, m, sigma, 50, args.toy_trials, seed))
                            .mean().item() for m in (False, True)]
                     toy.append(dict(gens=gens, seed=seed, loss=loss, sigma=sigma, vanilla=cos[0], mirrored=cos[1]))
             print(f"  toy: {gens} generations measured ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -229,7 +229,7 @@ def toy_setup(spec, method, seed):
     import es_basic
     torch.manual_seed(seed)
     x, y = es_basic.make_rings(spec["toy_points"], seed=seed)
-    model = es_basic.make_model(32, seed)
+    model = es_basic.make_model(32, seed, n_classes=3)
     params = list(model.parameters())
     if method == "es":
         n, sigma, lr = spec["toy_population_size"], 0.1, 0.03  # es_basic's defaults

@@ -171,7 +171,7 @@ def run_es(sigma, lr, population_size, batch, generations, seed, eval_every=10):
     """One ES run on es_basic's task; returns final/initial metrics and point-evaluations to 90%."""
     x, y = es_basic.make_rings(1024, seed=seed)
     x_test, y_test = es_basic.make_rings(2048, seed=seed + 10_000)
-    model = es_basic.make_model(32, seed)
+    model = es_basic.make_model(32, seed, n_classes=3)
     theta, shapes = flat_params(model)
     initial_loss = -es_basic.fitness_of(model, x, y)
     initial_acc = es_basic.accuracy(model, x_test, y_test)

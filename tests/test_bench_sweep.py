@@ -20,7 +20,7 @@ def es_basic_noise(params, seeds):
 
 def test_batched_fitness_equals_es_basic_member_by_member():
     x, y = es_basic.make_rings(300, seed=3)
-    model = es_basic.make_model(32, seed=3)
+    model = es_basic.make_model(32, seed=3, n_classes=3)
     params = list(model.parameters())
     seeds = es_basic.member_seeds(3, 1, 12)
     eps = es_basic_noise(params, seeds)
@@ -39,7 +39,7 @@ def test_batched_fitness_equals_es_basic_member_by_member():
 
 def test_generation_update_equals_es_basic():
     x, y = es_basic.make_rings(256, seed=1)
-    fast_model, slow_model = es_basic.make_model(32, seed=1), es_basic.make_model(32, seed=1)
+    fast_model, slow_model = es_basic.make_model(32, seed=1, n_classes=3), es_basic.make_model(32, seed=1, n_classes=3)
     slow = list(slow_model.parameters())
     theta, shapes = sweep.flat_params(fast_model)
     sigma, lr = 0.1, 0.05
@@ -57,7 +57,7 @@ def test_generation_update_equals_es_basic():
         with torch.no_grad():
             for p, g in zip(slow, grad):
                 p.add_(lr * g)
-    moved = sum((p - q).abs().sum().item() for p, q in zip(slow, es_basic.make_model(32, seed=1).parameters()))
+    moved = sum((p - q).abs().sum().item() for p, q in zip(slow, es_basic.make_model(32, seed=1, n_classes=3).parameters()))
     assert moved > 1.0
     for p, q in zip(fast_model.parameters(), slow):  # the model's parameters are views into theta
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
