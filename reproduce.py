@@ -43,9 +43,9 @@ CLAIMS = [
     (3, "python es_lora.py", "LoRA-ES held-out accuracy on the new task %", 92.2, 96.1,
      "measured, seeds 0-2: 96.1, 92.6, 92.2 (the es_lora.py docstring's 95.4 for seed 0 is stale)"),
     (4, "python es_eggroll.py", "held-out accuracy %", 92.0, 92.4, "es_eggroll.py docstring, seeds 0-2"),
-    (5, "python es_llm_vllm.py --dtype float32", "final held-out reward", TBD, TBD, "TBD-22"),
-    (6, "python es_llm_lora.py --dtype float32", "final held-out reward", TBD, TBD, "TBD-22"),
-    (7, "python es_llm_eggroll.py --dtype float32", "final held-out reward", TBD, TBD, "TBD-22"),
+    (5, "python es_llm_vllm.py", "final held-out reward", TBD, TBD, "TBD-22"),
+    (6, "python es_llm_lora.py", "final held-out reward", TBD, TBD, "TBD-22"),
+    (7, "python es_llm_eggroll.py", "final held-out reward", TBD, TBD, "TBD-22"),
 ]
 TOY_RUNGS = (1, 2, 3, 4)
 
