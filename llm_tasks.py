@@ -12,9 +12,12 @@ its unfinished games; a population-batched rung uses rows to route each row to i
 A result is a dict: reward (float, finite), correct (bool), response (text), truncated (bool),
 tokens (int), prompt (text shown in samples.jsonl), plus the task's `extra_metrics` keys.
 
-Single-turn tasks (conciseness, countdown) call `chat` once with every problem; their reward is
-reward(problem, response) -> (reward, correct). Each rung's ES code only ever sees the mean
-reward of a member, so a new task needs no change to it.
+Single-turn tasks (conciseness, countdown, one_word) call `chat` once with every problem; their
+reward is reward(problem, response) -> (reward, correct). Each rung's ES code only ever sees the
+mean reward of a member, so a new task needs no change to it.
+
+A new task: copy the template (one_word_task and one_word_reward, near the end of this file) and
+add one line to TASKS at the bottom; `--task <name>` then works in every LLM rung.
 """
 
 import math
@@ -25,11 +28,17 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 
+# name -> builder(args) -> Task. Filled at the bottom of this file, the one place a task is registered;
+# --task's choices are this dict itself, so they follow it.
+TASKS = {}
+
+
 @dataclass
 class TaskArgs:
     """Flags of the tasks (every LLM rung's Args inherits them)."""
-    task: str = field(default="conciseness", metadata={"help": "conciseness, countdown or wordle (multi-turn).",
-                                                       "choices": ["conciseness", "countdown", "wordle"]})
+    task: str = field(default="conciseness", metadata={"help": "the task: %(choices)s (wordle is multi-turn; a new "
+                                                               "task is one entry of llm_tasks.TASKS).",
+                                                       "choices": TASKS})
     num_train: int = field(default=200, metadata={"help": "Countdown: training problems.", "min": 1})
     num_test: int = field(default=2000, metadata={"help": "Countdown: held-out problems.", "min": 1})
     data_seed: int = field(default=0, metadata={"help": "Countdown: seed of the problem generator; Wordle: "
@@ -79,10 +88,21 @@ class Task:
         answers = chat([self.conversation(p) for p in problems], list(range(len(problems))))
         results = []
         for p, (text, truncated, tokens) in zip(problems, answers):
-            reward, correct = self.reward(p, text)
+            reward, correct = reward_pair(self.name, self.reward(p, text), text)
             results.append({"reward": finite(reward, text), "correct": bool(correct), "response": text,
                             "truncated": truncated, "tokens": tokens, "prompt": p["messages"][-1]["content"]})
         return results
+
+
+def reward_pair(name, out, text):
+    """What a single-turn reward returned, checked: a pair (reward, correct). A bare number (the
+    usual slip) or anything else stops the run with what the reward must return."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"task {name!r}: its reward(problem, response) must return a pair (reward, correct): "
+                        f"reward a finite number (higher is better), correct a bool (shown as held-out "
+                        f"accuracy), e.g. `return -len(response), False`; it returned {out!r} for the answer "
+                        f"{text[:80]!r}")
+    return out
 
 
 def finite(reward, text):
@@ -98,6 +118,8 @@ def finite(reward, text):
 
 def make_task(args):
     """The Task named by args.task (args carries the TaskArgs fields)."""
+    if args.task not in TASKS:
+        raise ValueError(f"--task {args.task}: unknown; the tasks are {', '.join(TASKS)} (llm_tasks.TASKS)")
     return TASKS[args.task](args)
 
 
@@ -561,4 +583,36 @@ def wordle_task(args):
     return task
 
 
-TASKS = {"conciseness": conciseness_task, "countdown": countdown_task, "wordle": wordle_task}
+# ----------------------------------------------------------------------------------------------
+# The template: a single-turn task in two functions. To write your own, copy these two, change the
+# prompts and the reward, and add one line to TASKS below.
+#   - a problem is a dict with "messages" (the chat so far) and "prefix" (text the answer starts
+#     with, usually ""); add whatever the reward needs (here "target");
+#   - reward(problem, response) returns a PAIR (reward, correct): reward a finite number, higher is
+#     better (ES maximises the mean over the training problems); correct a bool (the held-out
+#     "accuracy"; return False if the task has no right answer);
+#   - ES moves the weights only if members' rewards differ: a reward with few values (0 or 1) can
+#     tie across the whole population, and then the update is exactly zero (train_reward_std = 0 in
+#     metrics.csv). A small smooth term (here the characters) breaks such ties.
+ONE_WORD_SYSTEM = "Answer with one word only."
+
+
+def one_word_task(args=None):
+    """Answer in one word: the conciseness prompts (each answer is one word or number)."""
+    def make(pairs):
+        return [{"messages": [{"role": "system", "content": ONE_WORD_SYSTEM}, {"role": "user", "content": q}],
+                 "prefix": "", "target": a} for q, a in pairs]
+    return Task("one_word", make(CONCISENESS_TRAIN), make(CONCISENESS_TEST), one_word_reward)
+
+
+def one_word_reward(problem, response):
+    """-(words beyond the first) - characters/100: 0 is one word of no length; 'correct' = the
+    target word, ignoring case and a final full stop."""
+    words = response.split()
+    reward = -abs(len(words) - 1) - len(response.strip()) / 100  # the /100 term breaks ties
+    return reward, response.strip().rstrip(".").lower() == problem["target"].lower()
+
+
+# The one place a task is registered: name -> builder(args) -> Task.
+TASKS.update({"conciseness": conciseness_task, "countdown": countdown_task, "wordle": wordle_task,
+              "one_word": one_word_task})
