@@ -1,14 +1,14 @@
 """Does an LLM rung's default keep its promise on seeds it was never chosen on? Runs over seeds x dtypes.
 
 A rung's command (its defaults, plus any flags after `--`) runs once per (seed, dtype), each run
-alone on one core (taskset, one torch/OpenMP thread, vLLM bound to that core), `--lanes` runs at a
-time, and the held-out reward at generation 0 and at the end is read from the run's metrics.csv.
+alone on one core (taskset, one torch/OpenMP thread, vLLM bound to that core), one run per core of
+`--cores` at a time, and the held-out reward at generation 0 and at the end is read from the run's metrics.csv.
 Per dtype it prints the mean gain +- standard deviation, the worst seed, how many runs improved,
 and the minutes a run took; "promise kept" means every run improved and the mean gain is at least
 twice the standard deviation of the gains. bfloat16 results depend on the thread count, so the
 table says one thread; float32 results do not.
 
-Run (rung 5's default on the confirmation seeds, both dtypes, 2 lanes on a 2-core CPU):
+Run (rung 5's default on the confirmation seeds, both dtypes, one run per core):
     python bench/seeds.py --rung es_llm_vllm --seeds 3-9
     python bench/seeds.py --rung es_llm_lora --seeds 3-9 -- --mode adapter
 Results: runs.jsonl (one line per finished run; a second call with the same --out continues),
@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--rung", required=True, choices=["es_llm_vllm", "es_llm_lora"], help="The LLM rung to run.")
     p.add_argument("--seeds", default="3-9", help="Seeds: a range 3-9 or a list 0,1,2.")
     p.add_argument("--dtypes", default="float32,bfloat16", help="Comma-separated --dtype values.")
-    p.add_argument("--lanes", type=int, default=2, help="Runs at a time, each pinned to its own core.")
+    p.add_argument("--cores", default="", help="Cores to run on, one run per core at a time (e.g. 0,1 or 1); "
+                                             "default: every core.")
     p.add_argument("--out", default="", help="Folder for runs.jsonl, summary.md, gains.png and the run folders "
                                              "(default runs/seeds_<rung>).")
     p.add_argument("--label", default="default", help="Name of this configuration in the table.")
@@ -52,8 +53,12 @@ def parse_args(argv=None):
     p.add_argument("rest", nargs=argparse.REMAINDER, help="After --: flags passed to the rung as they are.")
     args = p.parse_args(argv)
     args.rest = [a for a in args.rest if a != "--"]
-    if args.lanes < 1 or args.lanes > (os.cpu_count() or 1):
-        p.error(f"--lanes must be between 1 and the {os.cpu_count()} cores")
+    try:
+        args.core_list = [int(c) for c in args.cores.split(",")] if args.cores else sorted(os.sched_getaffinity(0))
+    except ValueError:
+        p.error(f"--cores must be core numbers separated by commas, got {args.cores!r}")
+    if not set(args.core_list) <= set(os.sched_getaffinity(0)):
+        p.error(f"--cores {args.cores}: this machine's cores are {sorted(os.sched_getaffinity(0))}")
     try:
         args.seed_list = parse_seeds(args.seeds)
     except ValueError:
@@ -145,8 +150,8 @@ def main(argv=None):
     runs = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     done = {(r["label"], r["seed"], r["dtype"]) for r in runs if "gain" in r}
     todo = [(s, d) for s, d in jobs if (args.label, s, d) not in done]
-    print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} already in {path}), {args.lanes} at a time")
-    free = list(range(args.lanes))
+    print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} already in {path}), on cores {args.core_list}")
+    free = list(args.core_list)
 
     def job(sd):
         lane = free.pop()
@@ -155,7 +160,7 @@ def main(argv=None):
         finally:
             free.append(lane)
 
-    with ThreadPoolExecutor(args.lanes) as pool:
+    with ThreadPoolExecutor(len(args.core_list)) as pool:
         for r in pool.map(job, todo):
             runs.append(r)
             with open(path, "a") as f:
