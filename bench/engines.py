@@ -32,11 +32,13 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -62,12 +64,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            choices={"dtype": ["bfloat16", "float16", "float32"], "threads": [1, 2]}.get(f.name),
-                            help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0], {"dtype": ["bfloat16", "float16", "float32"], "threads": [1, 2]})
     args = Args(**vars(parser.parse_args(argv)))
     engines = [e for e in args.engines.split(",") if e]
     if not engines or any(e not in ("vllm", "hf") for e in engines) or len(set(engines)) != len(engines):

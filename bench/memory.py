@@ -71,7 +71,6 @@ See:   a table of the peaks and the ratios per model and view, bytes per paramet
        `--replot <folder>` prints the table and redraws the PNG from its results.json.
 """
 
-import argparse
 import ctypes
 import gc
 import json
@@ -88,6 +87,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -142,15 +143,7 @@ CHOICES = {"dtype": ["bfloat16", "float16", "float32"], "adam_precision": ["amp-
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        if isinstance(f.default, bool):
-            parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
-                                action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                choices=CHOICES.get(f.name), help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0], CHOICES)
     args = Args(**vars(parser.parse_args(argv)))
     parts = [p for p in args.parts.split(",") if p]
     if not parts or any(p not in ("toy", "lm") for p in parts):

@@ -30,14 +30,15 @@ See: a table of seconds per generation, tok/s, speed-up over rung 5 and share of
      results.json in the run folder. Goal on the 2-core CPU at N = 8: rung 6 >= 1.5x rung 5.
 """
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -63,15 +64,8 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    choices = {"engine": ["auto", "vllm", "hf"], "dtype": ["auto", "bfloat16", "float16", "float32"]}
-    for f in fields(Args):
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            choices=choices.get(f.name), help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0], {"engine": ["auto", "vllm", "hf"],
+                                                        "dtype": ["auto", "bfloat16", "float16", "float32"]})
     args = Args(**vars(parser.parse_args(argv)))
     methods = args.methods.split(",")
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):

@@ -23,8 +23,8 @@ What this script does:
    Both models are loaded from float32 weights (the base conversion and the run's float32
    master), so the number measures how far ES moved the weights, not bf16 rounding.
 
-Run:   python bench/conciseness_repro.py                        (train, then evaluate)
-       python bench/conciseness_repro.py --run-dir runs/es_llm_vllm__0__<time>   (evaluate only)
+Run:   python studies/conciseness_repro.py                        (train, then evaluate)
+       python studies/conciseness_repro.py --run-dir runs/es_llm_vllm__0__<time>   (evaluate only)
 See:   held-out reward before -> after, mean answer length, KL per answer and per token, wall time,
        and a before/after table of answers; also report.md and kl.json in the run folder.
 """

@@ -8,8 +8,8 @@ the first generation of each is reported apart (warm-up), the rest as the median
 Bytes: the pickled arguments and results of every call the pool makes (EnginePool.traffic); Ray
 adds a few hundred bytes of its own per call. The weights never travel.
 
-Run:   python bench/ray_engines.py                       (a tiny random model, built here, ~2 minutes)
-       python bench/ray_engines.py --model PATH --max-new-tokens 64    (a real model folder)
+Run:   python studies/ray_engines.py                       (a tiny random model, built here, ~2 minutes)
+       python studies/ray_engines.py --model PATH --max-new-tokens 64    (a real model folder)
 See:   seconds per generation for 1 and N engines, their ratio, bytes per generation (a few kB),
        and whether both reached the same final weights.
 Measured (2-core Xeon, SmolLM2-135M, float32, 64 tokens; README): rung 5 40.8 -> 21.3 s per
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # tiny_model
 
 import es_llm_vllm as rung5  # noqa: E402
 import llm_ray  # noqa: E402
@@ -77,7 +78,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
     p.add_argument("--generations", type=int, default=4, help="generations per engine setup (the first is warm-up)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype")
-    p.add_argument("--out", default="bench/results/ray_engines.json", help="where the JSON result is written")
+    p.add_argument("--out", default="studies/results/ray_engines.json", help="where the JSON result is written")
     a = p.parse_args(argv)
     if a.rungs != "5" or a.engines < 2 or min(a.cpus, a.generations) < 1:
         p.error("--rungs takes 5 (rung 5 is the rung with several engines), --engines must be >= 2, "

@@ -15,8 +15,8 @@ measures where the gain is lost, on the engine and model the rung trains with:
    spread of the held-out reward over all members (how much a change of weights of size sigma
    moves the held-out metric when nothing is learned: the metric's noise floor).
 
-Run:   python bench/heldout_transfer.py                 (dtype auto, 16 pairs, ~5 minutes)
-       python bench/heldout_transfer.py --dtype bfloat16 --max-new-tokens 128
+Run:   python studies/heldout_transfer.py                 (dtype auto, 16 pairs, ~5 minutes)
+       python studies/heldout_transfer.py --dtype bfloat16 --max-new-tokens 128
 See:   the base answers' truncation and lengths, the per-pair table, the correlations; results.json
        in runs/bench_heldout_transfer__<seed>__<time>/.
 """

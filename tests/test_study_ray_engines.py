@@ -1,4 +1,4 @@
-"""bench/ray_engines.py end to end on a tiny model: rung 5 with 1 engine and with a pool of 2 Ray
+"""studies/ray_engines.py end to end on a tiny model: rung 5 with 1 engine and with a pool of 2 Ray
 actors; both reach the same weights and only a few kilobytes cross per generation.
 Skipped without Ray (CI installs it)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install ray==2.60.0); CI installs it")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "studies"))
 
 import ray_engines  # noqa: E402
 

@@ -18,7 +18,7 @@ same for both methods:
 - the measurements: each training runs in its own subprocess (this script with --worker); the
   parent reads that process's wall time, CPU time (user + sys) and peak RSS (ru_maxrss from
   os.wait4, which includes model loading and the evaluations) identically for both. KL(tuned ||
-  base) is estimated afterwards with bench/conciseness_repro.py's k3 estimator on the held-out
+  base) is estimated afterwards with studies/conciseness_repro.py's k3 estimator on the held-out
   prompts (samples from the tuned model at temperature 1, both models in float32).
 
 ES: es_llm_vllm.main with its own defaults (population 8 in mirrored pairs, sigma 2e-3, lr 8e-6,
@@ -37,7 +37,7 @@ Every finished run is appended to the bench folder's runs.jsonl at once; --resum
 the runs found there and runs only the missing ones (an interrupted bench, or a method added).
 
 Run:   pip install -r requirements-bench.txt     (TRL, for this bench only)
-       python bench/es_vs_grpo.py --threads 1     (sweep + 3 seeds per method; ~80 min on a 2-core CPU)
+       python studies/es_vs_grpo.py --threads 1     (sweep + 3 seeds per method; ~80 min on a 2-core CPU)
 Measured (2-core Xeon, float32, conciseness, 128 answers per run, seeds 0-2; README): held-out -127.0
 -> rung 5 -84.4 +- 19.4, rung 6 -77.5 +- 2.1, GRPO lr 3e-5 -16.7 +- 4.5 (short, often wrong or
 echoed answers); KL per answer 3.2 / 2.0 / 7.9; peak RSS 2.3 / 1.6 / 5.1 GB; 6.1 / 2.6 / 5.0 min
@@ -71,8 +71,8 @@ warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the rung scripts live at the repository root
-if str(REPO / "bench") not in sys.path:
-    sys.path.insert(0, str(REPO / "bench"))
+if str(REPO / "studies") not in sys.path:
+    sys.path.insert(0, str(REPO / "studies"))
 
 PREFIX = "es_vs_grpo"
 METHODS = ("es", "es_lora", "grpo")
@@ -126,7 +126,7 @@ def parse_args(argv=None):
                    help="torch threads of each training process (OMP_NUM_THREADS; 0 = torch's default, all cores). "
                         "On a CPU shared with other busy jobs use 1: spinning OpenMP threads then cost 10x and more")
     p.add_argument("--out-dir", default="runs", help="parent of this bench's folder of run folders")
-    p.add_argument("--results-dir", default=str(REPO / "bench" / "results"),
+    p.add_argument("--results-dir", default=str(REPO / "studies" / "results"),
                    help="where es_vs_grpo.json, _runs.csv, _curves.png, _kl.png and _report.md are written")
     p.add_argument("--replot", default="", help="redraw the plots and the report from this es_vs_grpo.json "
                                                 "into --results-dir, without training")
