@@ -104,7 +104,6 @@ def tie_broken_reward(problem, text):
 def timed_es_generation(rung5, engine, tokenizer, problems, args):
     """One call of es_llm_vllm.es_generation (the training loop's own generation), timed part by
     part, scored by tie_broken_reward."""
-    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
     task = tasks.Task("countdown", problems, [], tie_broken_reward)

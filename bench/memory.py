@@ -433,7 +433,6 @@ def save_random_llama(folder, hidden, layers, heads, kv_heads, intermediate, voc
 
 def lm_inputs(args, model_dir, real_model):
     """Countdown prompts through the chat template (random ids for a random model) and answers."""
-    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
     cfg = json.loads((Path(model_dir) / "config.json").read_text())

@@ -347,7 +347,6 @@ def run_measured(spec):
 
 def read_run(run_dir):
     """Held-out evaluations [(generation/step, eval row)] and the answers before/after from a run folder."""
-    import llm_engines
     import llm_support as support
     rows = support.read_metrics(Path(run_dir) / "metrics.csv")
     evals = [r for r in rows if r["eval_reward"] != ""]
@@ -359,7 +358,6 @@ def read_run(run_dir):
 def kl_of_run(base_dir, checkpoint, task_name, args):
     """k3 KL(tuned || base) on the held-out prompts, with conciseness_repro's estimator."""
     import conciseness_repro as repro
-    import llm_engines
     import llm_support as support
     from llm_tasks import make_task
     from transformers import AutoTokenizer
@@ -553,7 +551,6 @@ def main(argv=None):
     except ImportError:
         raise SystemExit("TRL is not installed: pip install -r requirements-bench.txt")
     import llm_engines
-    import llm_support as support
     t_start = time.perf_counter()
     try:
         base_dir = llm_engines.resolve_model(args.model, llm_engines.default_cache_dir(), "float32")

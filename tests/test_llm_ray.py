@@ -15,7 +15,6 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray==
 import es_llm_vllm as es  # noqa: E402
 import llm_ray  # noqa: E402
 import llm_engines  # noqa: E402
-import llm_support as support  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 
 GENERATIONS = 3
