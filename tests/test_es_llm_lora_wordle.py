@@ -71,8 +71,8 @@ def test_scripted_games_of_the_whole_population_in_one_call_per_turn(tiny_dir, t
     samples = read_samples(run_dir)
     assert samples[0]["response"] == f"{train0} {fb(train0, test0)} | {train1} {fb(train1, test0)} | {test0} GGGGG"
     # the pair's rewards differ, so the update moved B (generation 1) and A (generation 2)
-    import llm_support as support
-    saved, _ = support.read_peft_adapter(run_dir / "checkpoint")
-    start = es.init_adapter(support.linear_shapes(str(tiny_dir), "q_proj"), 2, es.Args.init_b, 5)
+    import llm_engines
+    saved, _ = llm_engines.read_peft_adapter(run_dir / "checkpoint")
+    start = es.init_adapter(llm_engines.linear_shapes(str(tiny_dir), "q_proj"), 2, es.Args.init_b, 5)
     for name, (A, B) in saved.items():
         assert not torch.equal(A, start[name]["A"]) and not torch.equal(B, start[name]["B"]), name

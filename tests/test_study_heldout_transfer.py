@@ -1,4 +1,4 @@
-"""bench/heldout_transfer.py: each pair's members really are theta +- sigma*eps of the rung's noise,
+"""studies/heldout_transfer.py: each pair's members really are theta +- sigma*eps of the rung's noise,
 its differences and correlations are computed from what the members answered, and the engine is
 left as it was."""
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies"))
 import heldout_transfer as bench  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 

@@ -23,8 +23,8 @@ What this script does:
    Both models are loaded from float32 weights (the base conversion and the run's float32
    master), so the number measures how far ES moved the weights, not bf16 rounding.
 
-Run:   python bench/conciseness_repro.py                        (train, then evaluate)
-       python bench/conciseness_repro.py --run-dir runs/es_llm_vllm__0__<time>   (evaluate only)
+Run:   python studies/conciseness_repro.py                        (train, then evaluate)
+       python studies/conciseness_repro.py --run-dir runs/es_llm_vllm__0__<time>   (evaluate only)
 See:   held-out reward before -> after, mean answer length, KL per answer and per token, wall time,
        and a before/after table of answers; also report.md and kl.json in the run folder.
 """
@@ -120,6 +120,7 @@ def kl_estimate(base_dir, tuned_dir, tokenizer, test_ids, samples, max_new_token
 def main(argv=None):
     args = parse_args(argv)
     import es_llm_vllm as rung5
+    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
     t0 = time.perf_counter()
@@ -149,7 +150,7 @@ def main(argv=None):
                                                                else 0) for r in rows)
 
     from transformers import AutoTokenizer
-    base_dir = support.resolve_model(run_args.get("model", ""), run_args.get("cache_dir") or support.default_cache_dir())
+    base_dir = llm_engines.resolve_model(run_args.get("model", ""), run_args.get("cache_dir") or llm_engines.default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     test = tasks.conciseness_task().test
     test_ids = [support.prompt_ids(tokenizer, p["messages"]) for p in test]

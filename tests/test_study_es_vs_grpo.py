@@ -1,4 +1,4 @@
-"""bench/es_vs_grpo.py: ES and TRL's GRPO on the same prompts, reward function and answer budget.
+"""studies/es_vs_grpo.py: ES and TRL's GRPO on the same prompts, reward function and answer budget.
 
 End to end on a tiny random model (tests/llm_fixtures.py, nothing downloaded), CPU, transformers
 engine, a couple of generations/steps. Skips without trl (pip install -r requirements-bench.txt).
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies"))
 import es_vs_grpo as bench  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 
@@ -49,7 +49,7 @@ def test_es_flags_default_to_rung_5s_defaults():
 
 
 def test_end_to_end_on_a_tiny_model(tmp_path):
-    pytest.importorskip("trl", reason="bench/es_vs_grpo.py needs TRL: pip install -r requirements-bench.txt")
+    pytest.importorskip("trl", reason="studies/es_vs_grpo.py needs TRL: pip install -r requirements-bench.txt")
     model = build_tiny_model(tmp_path / "tiny", seed=0, counter=True)
     res = tmp_path / "results"
     results = bench.main(["--model", str(model), "--population-size", "2", "--generations", "2", "--eval-every", "1",

@@ -15,8 +15,8 @@ measures where the gain is lost, on the engine and model the rung trains with:
    spread of the held-out reward over all members (how much a change of weights of size sigma
    moves the held-out metric when nothing is learned: the metric's noise floor).
 
-Run:   python bench/heldout_transfer.py                 (dtype auto, 16 pairs, ~5 minutes)
-       python bench/heldout_transfer.py --dtype bfloat16 --max-new-tokens 128
+Run:   python studies/heldout_transfer.py                 (dtype auto, 16 pairs, ~5 minutes)
+       python studies/heldout_transfer.py --dtype bfloat16 --max-new-tokens 128
 See:   the base answers' truncation and lengths, the per-pair table, the correlations; results.json
        in runs/bench_heldout_transfer__<seed>__<time>/.
 """
@@ -66,6 +66,7 @@ def split(results, n_train):
 def main(argv=None):
     args = parse_args(argv)
     import es_llm_vllm as rung5
+    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
     rung_args = rung5.parse_args(["--engine", args.engine, "--dtype", args.dtype, "--model", args.model,
@@ -73,10 +74,10 @@ def main(argv=None):
     task = tasks.conciseness_task()
     problems, n_train = task.train + task.test, len(task.train)
     try:
-        model_dir = support.resolve_model(args.model, support.default_cache_dir(), rung_args.dtype)
-    except support.ModelNotFound as err:
+        model_dir = llm_engines.resolve_model(args.model, llm_engines.default_cache_dir(), rung_args.dtype)
+    except llm_engines.ModelNotFound as err:
         raise SystemExit(str(err))
-    tokenizer = support.load_model_files(model_dir)[0]
+    tokenizer = llm_engines.load_model_files(model_dir)[0]
     max_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = rung5.make_engine(rung_args, model_dir, tokenizer, None, max_len)
     chat = support.make_chat(engine, tokenizer)

@@ -1,4 +1,4 @@
-"""bench/conciseness_repro.py: the k3 KL estimator is exact in expectation; a model has zero KL to itself."""
+"""studies/conciseness_repro.py: the k3 KL estimator is exact in expectation; a model has zero KL to itself."""
 import os
 import sys
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "studies"))
 import conciseness_repro as repro  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 

@@ -18,13 +18,13 @@ same for both methods:
 - the measurements: each training runs in its own subprocess (this script with --worker); the
   parent reads that process's wall time, CPU time (user + sys) and peak RSS (ru_maxrss from
   os.wait4, which includes model loading and the evaluations) identically for both. KL(tuned ||
-  base) is estimated afterwards with bench/conciseness_repro.py's k3 estimator on the held-out
+  base) is estimated afterwards with studies/conciseness_repro.py's k3 estimator on the held-out
   prompts (samples from the tuned model at temperature 1, both models in float32).
 
 ES: es_llm_vllm.main with its own defaults (population 8 in mirrored pairs, sigma 2e-3, lr 8e-6,
 8 generations, all training prompts, eval every 4 generations), --engine hf by default so that
 generation and evaluation run on the same transformers code as TRL. With --lora (default) also
-rung 6, es_llm_lora.main --mode adapter with its own defaults (sigma 0.05, lr 3e-3, per-matrix
+rung 6, es_llm_lora.main with its own defaults (sigma 0.05, lr 3e-3, per-matrix
 sigma, rank 1 on every projection) and the same population, generations, prompts and engine; its
 KL is estimated on the merged model (--merge). GRPO: TRL's GRPOTrainer with
 its defaults (loss "dapo", beta 0: no KL penalty, Adam, gradient checkpointing, one gradient step
@@ -37,7 +37,7 @@ Every finished run is appended to the bench folder's runs.jsonl at once; --resum
 the runs found there and runs only the missing ones (an interrupted bench, or a method added).
 
 Run:   pip install -r requirements-bench.txt     (TRL, for this bench only)
-       python bench/es_vs_grpo.py --threads 1     (sweep + 3 seeds per method; ~80 min on a 2-core CPU)
+       python studies/es_vs_grpo.py --threads 1     (sweep + 3 seeds per method; ~80 min on a 2-core CPU)
 Measured (2-core Xeon, float32, conciseness, 128 answers per run, seeds 0-2; README): held-out -127.0
 -> rung 5 -84.4 +- 19.4, rung 6 -77.5 +- 2.1, GRPO lr 3e-5 -16.7 +- 4.5 (short, often wrong or
 echoed answers); KL per answer 3.2 / 2.0 / 7.9; peak RSS 2.3 / 1.6 / 5.1 GB; 6.1 / 2.6 / 5.0 min
@@ -71,8 +71,8 @@ warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the rung scripts live at the repository root
-if str(REPO / "bench") not in sys.path:
-    sys.path.insert(0, str(REPO / "bench"))
+if str(REPO / "studies") not in sys.path:
+    sys.path.insert(0, str(REPO / "studies"))
 
 PREFIX = "es_vs_grpo"
 METHODS = ("es", "es_lora", "grpo")
@@ -107,7 +107,7 @@ def parse_args(argv=None):
                    help="GRPO gradient checkpointing (TRL default: on; less memory, more time)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit, training and held-out (both)")
     p.add_argument("--lora", default=True, action=argparse.BooleanOptionalAction,
-                   help="also rung 6 (es_llm_lora.py --mode adapter, its own defaults: sigma 0.05, lr 3e-3, "
+                   help="also rung 6 (es_llm_lora.py, its own defaults: sigma 0.05, lr 3e-3, "
                         "per-matrix sigma), same seeds, budget, prompts and evaluation; KL from its merged model")
     p.add_argument("--resume", default="", help="a bench folder (runs/es_vs_grpo__...) of an interrupted or earlier "
                                                 "run with the same flags: runs found in its runs.jsonl (same method, "
@@ -126,7 +126,7 @@ def parse_args(argv=None):
                    help="torch threads of each training process (OMP_NUM_THREADS; 0 = torch's default, all cores). "
                         "On a CPU shared with other busy jobs use 1: spinning OpenMP threads then cost 10x and more")
     p.add_argument("--out-dir", default="runs", help="parent of this bench's folder of run folders")
-    p.add_argument("--results-dir", default=str(REPO / "bench" / "results"),
+    p.add_argument("--results-dir", default=str(REPO / "studies" / "results"),
                    help="where es_vs_grpo.json, _runs.csv, _curves.png, _kl.png and _report.md are written")
     p.add_argument("--replot", default="", help="redraw the plots and the report from this es_vs_grpo.json "
                                                 "into --results-dir, without training")
@@ -188,7 +188,7 @@ def rung6_argv(spec):
     and --merge (the merged model is what the KL estimate loads)."""
     argv = rung5_argv(spec)
     drop = {i + k for i, flag in enumerate(argv) if flag in ("--sigma", "--lr") for k in (0, 1)}
-    return [a for i, a in enumerate(argv) if i not in drop] + ["--mode", "adapter", "--merge"]
+    return [a for i, a in enumerate(argv) if i not in drop] + ["--merge"]
 
 
 class CountingReward:
@@ -233,7 +233,7 @@ def worker_es(spec):
 
 
 def worker_es_lora(spec):
-    """One es_llm_lora.py (rung 6) run in this process, adapter mode; its merged model for the KL."""
+    """One es_llm_lora.py (rung 6) run in this process; its merged model for the KL."""
     import es_llm_lora as rung6
     counters = []
     rung6.make_task = counted_task(rung6.make_task, counters)
@@ -252,6 +252,7 @@ def worker_grpo(spec):
     from trl import GRPOConfig, GRPOTrainer
 
     import es_llm_vllm as rung5
+    import llm_engines
     import llm_support as support
     import llm_tasks as tasks
 
@@ -260,13 +261,13 @@ def worker_grpo(spec):
     task = counted_task(tasks.make_task, counters)(es_args)
     counter = counters[0]
     test = task.test[:spec["eval_size"]] if spec["eval_size"] else task.test
-    model_dir = support.resolve_model(spec["model"], support.default_cache_dir(), "float32")
+    model_dir = llm_engines.resolve_model(spec["model"], llm_engines.default_cache_dir(), "float32")
     run_dir = Path(spec["out_dir"]) / f"grpo__{spec['seed']}__lr{spec['grpo_lr']:g}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=False)
     (run_dir / "args.json").write_text(json.dumps({**spec, **dataclasses.asdict(es_args)}, indent=2))
-    tokenizer = support.load_model_files(model_dir)[0]
-    model, device = support.load_hf_model(model_dir, "float32", "cpu")  # a model object: TRL cannot load the folder
-    evaluator = support.HFGenerator(model, tokenizer, spec["max_new_tokens"], 64, device)  # greedy, as ES
+    tokenizer = llm_engines.load_model_files(model_dir)[0]
+    model, device = llm_engines.load_hf_model(model_dir, "float32", "cpu")  # a model object: TRL cannot load the folder
+    evaluator = llm_engines.HFGenerator(model, tokenizer, spec["max_new_tokens"], 64, device)  # greedy, as ES
     chat = support.make_chat(types.SimpleNamespace(generate=evaluator), tokenizer)
     log = support.MetricsLog(run_dir, 0, task.extra_metrics)
     prompts_per_step = spec["batch_size"] or len(task.train)
@@ -549,11 +550,11 @@ def main(argv=None):
         import trl  # noqa: F401
     except ImportError:
         raise SystemExit("TRL is not installed: pip install -r requirements-bench.txt")
-    import llm_support as support
+    import llm_engines
     t_start = time.perf_counter()
     try:
-        base_dir = support.resolve_model(args.model, support.default_cache_dir(), "float32")
-    except support.ModelNotFound as err:
+        base_dir = llm_engines.resolve_model(args.model, llm_engines.default_cache_dir(), "float32")
+    except llm_engines.ModelNotFound as err:
         raise SystemExit(str(err))
     done = {}
     if args.resume:

