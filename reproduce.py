@@ -5,7 +5,7 @@ command, the metric read from the run, the stated range (low, high) and where th
 from. This script runs each command once per seed (in this process for the toy rungs, as a
 subprocess for the LLM rungs), prints claimed against measured, marks every number outside its
 range with DRIFT, and exits 1 if any drifted (0 otherwise). A claim whose range is None is printed
-as "not yet claimed" and never fails (the LLM rungs' ranges are still being measured: TBD-22).
+as "not yet claimed" and never fails.
 
 Run:   python reproduce.py --quick      the toy rungs 1-4, seed 0, each checked against the range
                                         stated over seeds (about 3 minutes on a 2-core CPU)
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-TBD = None  # TBD-22: the range is not claimed yet; reported, never a failure
+TBD = None  # a range not claimed yet: reported, never a failure
 
 # (rung, command, metric, low, high, source). Ranges hold for every seed 0-4 unless the source says
 # otherwise; accuracies in percent, as printed. A command is run once per seed with --seed appended.
@@ -43,9 +43,12 @@ CLAIMS = [
     (3, "python es_lora.py", "LoRA-ES held-out accuracy on the new task %", 92.2, 96.1,
      "measured, seeds 0-2: 96.1, 92.6, 92.2 (the es_lora.py docstring's 95.4 for seed 0 is stale)"),
     (4, "python es_eggroll.py", "held-out accuracy %", 92.0, 92.4, "es_eggroll.py docstring, seeds 0-2"),
-    (5, "python es_llm_vllm.py", "final held-out reward", TBD, TBD, "TBD-22"),
-    (6, "python es_llm_lora.py", "final held-out reward", TBD, TBD, "TBD-22"),
-    (7, "python es_llm_eggroll.py", "final held-out reward", TBD, TBD, "TBD-22"),
+    (5, "python es_llm_vllm.py", "final held-out reward", -155.8, -48.1,
+     "RESULTS.md rung 5, float32 finals over seeds 0-9 (seed 0: -60.6)"),
+    (6, "python es_llm_lora.py", "final held-out reward", -122.3, -54.7,
+     "RESULTS.md rung 6, float32 finals over seeds 0-9 (seed 0: -75.2)"),
+    (7, "python es_llm_eggroll.py", "final held-out reward", -114.4, -100.5,
+     "RESULTS.md rung 7, float32 finals over seeds 0-2 (seed 0: -113.4)"),
 ]
 TOY_RUNGS = (1, 2, 3, 4)
 
@@ -134,7 +137,7 @@ def main(argv=None):
             value = measured[command, seed].get(metric)
             verdict = check(value, low, high)
             drift += verdict == "DRIFT"
-            claimed = "TBD-22" if low is None else f"{low:g}-{high:g}"
+            claimed = "not claimed" if low is None else f"{low:g}-{high:g}"
             print(f"{rung:<5}{command:<52}{metric:<46}{seed:<6}{claimed:<16}{str(value):<10}{verdict}")
     print(f"\n{drift} number(s) outside their claimed range; {time.perf_counter() - t0:.0f} s in all")
     return 1 if drift else 0

@@ -38,7 +38,7 @@ the runs found there and runs only the missing ones (an interrupted bench, or a 
 
 Run:   pip install -r requirements-bench.txt     (TRL, for this bench only)
        python studies/es_vs_grpo.py --threads 1     (sweep + 3 seeds per method; ~80 min on a 2-core CPU)
-Measured (2-core Xeon, float32, conciseness, 128 answers per run, seeds 0-2; README): held-out -127.0
+Measured (2-core Xeon, float32, conciseness, 128 answers per run, seeds 0-2; RESULTS.md): held-out -127.0
 -> rung 5 -84.4 +- 19.4, rung 6 -77.5 +- 2.1, GRPO lr 3e-5 -16.7 +- 4.5 (short, often wrong or
 echoed answers); KL per answer 3.2 / 2.0 / 7.9; peak RSS 2.3 / 1.6 / 5.1 GB; 6.1 / 2.6 / 5.0 min
 with one thread each.

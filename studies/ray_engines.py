@@ -12,7 +12,7 @@ Run:   python studies/ray_engines.py                       (a tiny random model,
        python studies/ray_engines.py --model PATH --max-new-tokens 64    (a real model folder)
 See:   seconds per generation for 1 and N engines, their ratio, bytes per generation (a few kB),
        and whether both reached the same final weights.
-Measured (2-core Xeon, SmolLM2-135M, float32, 64 tokens; README): rung 5 40.8 -> 21.3 s per
+Measured (2-core Xeon, SmolLM2-135M, float32, 64 tokens; RESULTS.md): rung 5 40.8 -> 21.3 s per
 generation with 2 engines (1.92x); 1,104 bytes per generation; same final weights.
 """
 

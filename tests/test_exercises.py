@@ -157,19 +157,15 @@ def rung5():
 
 
 def rung6():
-    """Rung 6 in adapter mode: es_llm_lora.py (its only mode after the split; --mode adapter before it)."""
+    """Rung 6: es_llm_lora.py (the population as LoRA adapters)."""
     import es_llm_lora
-    return es_llm_lora, (["--mode", "adapter"] if "mode" in es_llm_lora.Args.__dataclass_fields__ else [])
+    return es_llm_lora, []
 
 
 def rung7():
-    """Rung 7: es_llm_eggroll.py; before the split, es_llm_lora.py --mode eggroll (the same code)."""
-    try:
-        import es_llm_eggroll
-        return es_llm_eggroll, []
-    except ModuleNotFoundError:
-        import es_llm_lora
-        return es_llm_lora, ["--mode", "eggroll"]
+    """Rung 7: es_llm_eggroll.py (EGGROLL noise at LLM scale)."""
+    import es_llm_eggroll
+    return es_llm_eggroll, []
 
 
 _RUNS = {}  # a configuration several exercises compare against runs once (runs are deterministic)
@@ -274,14 +270,12 @@ EGGROLL = ["--sigma", "0.01", "--lr", "1e-3"] + SIX
 
 
 def test_7_1_rank_4_noise_is_no_clear_gain(tiny, tmp_path):
-    # after the split: es_llm_eggroll (rung7() picks it when it exists)
     _, r1, _ = llm_run(rung7(), tiny, EGGROLL + ["--rank", "1"], tmp_path)
     _, r4, _ = llm_run(rung7(), tiny, EGGROLL + ["--rank", "4"], tmp_path)
     assert -2.1 <= r1[-1] <= -1.8 and -2.1 <= r4[-1] <= -1.8, (r1, r4)  # seeds 0-2: both -2.0 to -1.875
 
 
 def test_7_2_full_weight_eggroll_is_ahead_of_the_adapter_after_6_generations(tiny, tmp_path):
-    # after the split: es_llm_eggroll (rung7() picks it when it exists)
     _, full, _ = llm_run(rung7(), tiny, EGGROLL + ["--rank", "1"], tmp_path)
     _, adapter, _ = llm_run(rung6(), tiny, ADAPTER + ["--rank", "1"], tmp_path)
     assert full[-1] > adapter[-1] + 0.5, (full, adapter)  # seeds 0-2: -2.0 to -1.875 against -3.25 to -3.0
