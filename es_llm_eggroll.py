@@ -105,8 +105,6 @@ def parse_args(argv=None):
                         or (Path(args.resume) / "checkpoint" / "adapter_config.json").exists()):
         parser.error(f"--resume {args.resume}: an adapter run (its checkpoint is a LoRA adapter, not weights); "
                      f"continue it with: python es_llm_lora.py --resume {args.resume}")
-    if args.engines > 1:
-        parser.error("--engines: several engines are rung 5's (es_llm_vllm.py --engines N); this rung runs one")
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
     names = args.target_modules.split(",")

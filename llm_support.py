@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from llm_engines import auto_dtype, read_peft_adapter, write_hf_folder, write_peft_adapter
 
@@ -78,12 +80,6 @@ class EngineArgs:
                                                                    "so the script's lines stay readable), warning, info "
                                                                    "(vLLM's default), debug.",
                                                            "choices": ["error", "warning", "info", "debug"]})
-    engines: int = field(default=1, metadata={"help": "Engines evaluating the population together: N > 1 runs N "
-                                                       "engine copies as Ray actors (one per GPU, or one per share "
-                                                       "of the CPU cores), synchronised by seeds (llm_ray.py).",
-                                               "min": 1})
-    ray_address: str = field(default="", metadata={"help": "With --engines N: address of a running Ray cluster "
-                                                           "(ray start --head prints it); empty: a local Ray."})
     stop_on_degenerate: bool = field(default=False, metadata={
         "help": "Stop the run (checkpoint kept) at the first degenerate generation: every member scored the same "
                 "(no update), or some member answered from inf/NaN logits. Without it such generations are "
@@ -111,6 +107,10 @@ def parse_args(args_class, description, argv=None, aliases=None):
 
     aliases: {field: {old value: new value}} for values renamed since a run was saved."""
     parser = build_parser(args_class, description)
+    if not hasattr(args_class, "engines") and any(a.split("=")[0] in ("--engines", "--ray-address")
+                                                  for a in (sys.argv[1:] if argv is None else argv)):
+        parser.error("--engines / --ray-address: several engines are their own rung now: "
+                     "python es_llm_ray.py --engines N (rung 5 on N Ray engines)")
     ns = parser.parse_args(argv)
     if getattr(ns, "resume", ""):
         # Continue with the run's own settings; only flags typed on this command line win.
@@ -358,6 +358,15 @@ def degenerate(fitness, nonfinite):
         return (f"all {len(fitness)} members scored {fitness[0]:.4g}, so this generation makes no update: "
                 "--sigma may be too large (every member broken alike) or too small (no member differs)")
     return ""
+
+
+def report_degenerate(generation, why, earlier, stop):
+    """Print why a generation was degenerate: the first one (or every one with --stop-on-degenerate).
+    Returns 1 for a degenerate generation, 0 otherwise (the run counts them)."""
+    if why and (stop or not earlier):
+        tqdm.write(f"generation {generation} is degenerate: {why}"
+                   + ("" if stop else " (reported once; metrics.csv counts them)"))
+    return int(bool(why))
 
 
 def generation_row(generation, fitness, clock, tokens, nonfinite=0):

@@ -562,7 +562,7 @@ def vllm_engine(chaotic_dir):
     args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--max-new-tokens", "12",
                           "--dtype", "bfloat16"])
     tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
-    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    engine = es.make_engine(args, str(chaotic_dir), tokenizer, None, 256)
     yield engine, tokenizer
     engine.close()
 
@@ -695,7 +695,7 @@ def test_vllm_and_hf_generate_the_same_with_the_same_perturbed_fp32_weights(chao
     args = es.parse_args(["--engine", "vllm", "--model", str(chaotic_dir), "--max-new-tokens", "12",
                           "--dtype", "float32"])
     tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
-    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    engine = es.make_engine(args, str(chaotic_dir), tokenizer, None, 256)
     hf = es.HFEngine(str(chaotic_dir), args, tokenizer)
     _, ids = prompts(tokenizer)
     try:
@@ -725,7 +725,7 @@ def test_vllm_end_to_end_run_and_its_checkpoint(counter_dir, tmp_path, capsys):
     loaded = AutoModelForCausalLM.from_pretrained(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     args = es.parse_args(["--engine", "vllm", "--model", str(ckpt), "--max-new-tokens", "24", "--dtype", "bfloat16"])
-    engine = es.VLLMEngine(str(ckpt), args, tokenizer, None, 256)
+    engine = es.make_engine(args, str(ckpt), tokenizer, None, 256)
     try:
         assert engine.checksum() == support.checksum(es.hf_slots(loaded))
         test = tasks.conciseness_task().test
@@ -763,7 +763,7 @@ def test_tied_embeddings_same_noise_in_vllm_and_hf_and_exact_restore(tied_dir):
     from transformers import AutoTokenizer
     args = es.parse_args(["--engine", "vllm", "--model", str(tied_dir), "--max-new-tokens", "12", "--dtype", "bfloat16"])
     tokenizer = AutoTokenizer.from_pretrained(tied_dir)
-    engine = es.VLLMEngine(str(tied_dir), args, tokenizer, None, 256)
+    engine = es.make_engine(args, str(tied_dir), tokenizer, None, 256)
     hf, _, _ = make_engine(tied_dir)
     try:
         assert engine.num_params == hf.num_params and engine.checksum() == hf.checksum()
