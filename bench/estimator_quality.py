@@ -24,7 +24,6 @@ See:   three tables on the console and in bench/results/estimator_quality.md (6 
        CPU shared with another job, most of it in the toy runs).
 """
 
-import argparse
 import contextlib
 import io
 import math
@@ -32,11 +31,13 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -69,11 +70,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0])
     args = Args(**vars(parser.parse_args(argv)))
     try:
         values = [floats(args.quad_sigmas), floats(args.toy_sigmas), ints(args.toy_generations), ints(args.dims),

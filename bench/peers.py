@@ -31,7 +31,6 @@ See:   a table on the console and in bench/results/peers.{json,md,png}; 6.4 minu
        adds about one point of final accuracy (PGPE 96.7% against 95.6% with a fixed sigma).
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -39,7 +38,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -48,6 +47,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from flags import parser_for  # noqa: E402  (bench/flags.py: this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -77,11 +78,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0])
     args = Args(**vars(parser.parse_args(argv)))
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -32,20 +32,21 @@ See:   two PNGs, runs.csv and summary.json in runs/bench_sweep__<seed>__<time>/ 
        accuracy; `--replot <folder>` redraws the PNGs from runs.csv.
 """
 
-import argparse
 import csv
 import json
 import multiprocessing as mp
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from flags import parser_for  # bench/flags.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -88,11 +89,7 @@ class Args:
 
 
 def parse_args(argv=None) -> Args:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Args):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                            help=f.metadata["help"])
+    parser = parser_for(Args, __doc__.split("\n")[0])
     args = Args(**vars(parser.parse_args(argv)))
     try:
         sigmas, lrs, pops, batches = floats(args.sigmas), floats(args.lrs), ints(args.populations), ints(args.batches)
