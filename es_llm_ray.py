@@ -310,7 +310,7 @@ def evaluate_members(engine, chat, task, problems, members, sigma, clock):
 
 class EngineActor:
     """One of the N engines, in its own Ray process (llm_ray.Host): rung 5's engine, its chat and the
-    task, all built there from the run's flags. Only seeds, scalars and token ids reach it."""
+    task, all built there from the run's flags. Then only seeds, scalars, prompts and token ids reach it."""
 
     def __init__(self, args, model_dir, master_path=None, max_model_len=None):
         tokenizer = llm_engines.load_model_files(model_dir)[0]

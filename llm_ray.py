@@ -2,8 +2,8 @@
 
 Nothing here is ES. `Engines` starts (or joins) Ray, puts one actor per GPU (or per equal share of
 the CPU cores) on the cluster, and builds in each the object that es_llm_ray.py hands it (its
-EngineActor, pickled by reference: the actor process imports es_llm_ray itself, this module never
-names it). Then it runs named methods on those objects, all engines at once, and does the chores:
+EngineActor, pickled by reference: the actor process imports es_llm_ray itself; this module never
+imports a rung). Then it runs named methods on those objects, all engines at once, and does the chores:
 - counts the pickled bytes of every argument and result (`traffic`: what crosses the network);
 - names an engine that went away (EngineLost), so the run stops with a clear message and the run
   folder keeps its last checkpoint for --resume;
