@@ -4,7 +4,7 @@ A rung's command (its defaults, plus any flags after `--`) runs once per (seed, 
 alone on one core (taskset, one torch/OpenMP thread, vLLM bound to that core), one run per core of
 `--cores` at a time, and the held-out reward at generation 0 and at the end is read from the run's metrics.csv.
 Per dtype it prints the mean gain +- standard deviation, the worst seed, how many runs improved,
-and the minutes a run took; "promise kept" means every run improved and the mean gain is at least
+and the minutes a run took; "promise kept" (judged from 3 runs on) means every run improved and the mean gain is at least
 twice the standard deviation of the gains. bfloat16 results depend on the thread count, so the
 table says one thread; float32 results do not.
 
@@ -104,7 +104,7 @@ def summarize(runs):
                       "improved": int((gains > 0).sum()), "minutes": float(np.mean([r["minutes"] for r in rs])),
                       "gains": [round(float(g), 1) for g in gains]})
         t = table[-1]
-        t["kept"] = t["improved"] == t["n"] and t["mean"] >= 2 * t["std"]
+        t["kept"] = (t["improved"] == t["n"] and t["mean"] >= 2 * t["std"]) if t["n"] >= 3 else None  # a spread needs runs
     return table
 
 
@@ -114,7 +114,7 @@ def report(table, out):
     for t in table:
         lines.append(f"| {t['label']} | {t['dtype']} | {t['seeds'][0]}-{t['seeds'][-1]} | {t['mean']:+.1f} +- "
                      f"{t['std']:.1f} | {t['worst']:+.1f} ({t['worst_seed']}) | {t['improved']}/{t['n']} | "
-                     f"{'yes' if t['kept'] else 'no'} | {t['minutes']:.1f} | {', '.join(f'{g:+.1f}' for g in t['gains'])} |")
+                     f"{ {True: 'yes', False: 'no', None: 'n/a (< 3 runs)'}[t['kept']]} | {t['minutes']:.1f} | {', '.join(f'{g:+.1f}' for g in t['gains'])} |")
     text = "\n".join(lines)
     (out / "summary.md").write_text(text + "\n")
     return text
