@@ -34,10 +34,11 @@ What is equal for every method:
   the run is scored on (validation for trials, test for final runs), at the end of each run;
 - what the reward cannot see (llm_tasks.answer_check): the share of empty answers, of echoed ones
   (only words of the question, at least half of them), and the count correct on checkable prompts;
-- the measurements: each training and each KL estimate runs in its own subprocess of this script
-  (--worker); the parent reads that process's wall time, CPU time (user + sys) and peak RSS
-  (ru_maxrss from os.wait4, including model loading and evaluations). --threads 1 sets one torch
-  thread per process and --cores 0,1 runs one job per listed core, pinned (sched_setaffinity).
+- the measurements: each job (a training, then its KL estimate) runs in its own subprocess of this
+  script (--worker), which records when its training ends its wall time since the parent started it,
+  its CPU time (user + sys) and peak RSS (getrusage ru_maxrss; model loading and evaluations
+  included, the KL estimate after it not). --threads 1 sets one torch thread per process and
+  --cores 0,1 runs one job per listed core, pinned (sched_setaffinity before torch is imported).
 What is not equal (also in the report): ES trains on greedy answers, GRPO on sampled ones (the
 budget counts answers, not tokens or FLOPs); GRPO computes gradients (backward passes, Adam state),
 ES only forward passes; the grids are centred on each rung's defaults, which were chosen by hand
@@ -253,11 +254,13 @@ def counted_task(make_task, counters, eval_on="test"):
 def rung_argv(spec):
     """The rung's flags for this job: its setting, the generations of the budget, the evaluation grid."""
     argv = ["--task", spec["task"], "--engine", spec["es_engine"], "--dtype", "float32",
-            "--population-size", str(spec["population_size"]), "--mirrored", "--sigma", repr(spec["sigma"]),
-            "--lr", repr(spec["lr"]), "--generations", str(spec["updates"]), "--eval-every", str(spec["eval_every"]),
+            "--population-size", str(spec["population_size"]), "--mirrored", "--generations", str(spec["updates"]),
+            "--eval-every", str(spec["eval_every"]),
             "--batch-size", str(spec["batch_size"]), "--max-new-tokens", str(spec["max_new_tokens"]),
             "--seed", str(spec["seed"]), "--out-dir", spec["out_dir"], "--save-every", "0", "--checkpoint", "final",
             "--show", "0"] + (["--model", spec["model"]] if spec["model"] else [])
+    if spec["method"] != "grpo":  # GRPO's worker parses these flags for the task only
+        argv += ["--sigma", repr(spec["sigma"]), "--lr", repr(spec["lr"])]
     return argv + (["--merge"] if spec["method"] == "es_lora" else [])
 
 
@@ -369,11 +372,18 @@ def worker_kl(spec):
 
 
 def worker(spec_json):
+    """One job: the training, its measurements (this process's wall time since it started, CPU time and
+    peak RSS, read when the training ends), then the KL estimate of the tuned model in the same process."""
+    import resource
     spec = json.loads(spec_json)
-    if spec["method"] == "kl":
-        out = worker_kl(spec)
-    else:
-        out = (worker_grpo if spec["method"] == "grpo" else worker_es)(spec)
+    if spec.get("core") is not None:  # before torch is imported: its threads inherit the pinning
+        os.sched_setaffinity(0, {spec["core"]})
+    out = (worker_grpo if spec["method"] == "grpo" else worker_es)(spec)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # ru_maxrss: the peak so far, KiB on Linux
+    out.update(wall_s=time.time() - spec["started"], cpu_s=usage.ru_utime + usage.ru_stime,
+               peak_rss_mib=usage.ru_maxrss / 1024)
+    t0 = time.time()
+    out.update(worker_kl({**spec, "checkpoint": out["checkpoint"]}), kl_s=time.time() - t0)
     Path(spec["result_file"]).write_text(json.dumps(out, indent=2))
 
 
@@ -381,20 +391,15 @@ def worker(spec_json):
 # The parent: one subprocess per training and per KL estimate, measured the same way for all
 # ----------------------------------------------------------------------------------------------
 
-def run_measured(spec, core=None):
-    """Start this script with --worker spec (pinned to `core` if given); (result, wall s, CPU s, peak RSS MiB)."""
-    t0 = time.perf_counter()
+def run_worker(spec):
+    """Start this script with --worker spec and wait; its result (with its own measurements)."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(spec["threads"])} if spec.get("threads") else {})}
-    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=REPO,
-                            env=env, preexec_fn=pin)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (it starts no processes with --engine hf)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
+    spec = {**spec, "started": time.time()}  # the worker's wall time counts from here, interpreter start included
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=REPO,
+                          env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{spec['method']} seed {spec['seed']} failed (exit code {proc.returncode}); see above")
-    result = json.loads(Path(spec["result_file"]).read_text())
-    return result, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
+    return json.loads(Path(spec["result_file"]).read_text())
 
 
 def read_run(run_dir):
@@ -423,7 +428,7 @@ def job_key(job):
 
 
 def one_job(job, args, bench_dir, base_dir, core=None):
-    """One training and its KL estimate (each a measured subprocess); the run record."""
+    """One job (a training and its KL estimate, in one subprocess); the run record."""
     label = (f"{NAMES[job['method']]} {job['role']} seed {job['seed']}: lr {job['lr']:g}, "
              + (f"beta {job['beta']:g}" if job["method"] == "grpo" else f"sigma {job['sigma']:g}")
              + f", {job['budget']} answers, scored on the {'validation' if job['eval_on'] == 'valid' else 'test'} "
@@ -437,13 +442,10 @@ def one_job(job, args, bench_dir, base_dir, core=None):
             "grpo_temperature": args.grpo_temperature, "grpo_scheduler": args.grpo_scheduler,
             "grpo_gradient_checkpointing": args.grpo_gradient_checkpointing, "threads": args.threads,
             "out_dir": str(bench_dir), "result_file": str(bench_dir / f"{name}.json")}
+    spec.update(core=core, base_dir=str(base_dir), kl_samples=args.kl_samples, kl_seed=args.kl_seed)
     print(f"\n=== {label}: training in a subprocess" + (f" on core {core}" if core is not None else ""), flush=True)
-    result, wall, cpu, rss = run_measured(spec, core)
-    kl_spec = {"method": "kl", "seed": job["seed"], "task": args.task, "eval_on": job["eval_on"],
-               "base_dir": str(base_dir), "checkpoint": result["checkpoint"], "kl_samples": args.kl_samples,
-               "max_new_tokens": args.max_new_tokens, "kl_seed": args.kl_seed, "threads": args.threads,
-               "result_file": str(bench_dir / f"{name}_kl.json")}
-    kl, kl_wall, _, _ = run_measured(kl_spec, core)
+    result = run_worker(spec)
+    wall, cpu, rss, kl = result["wall_s"], result["cpu_s"], result["peak_rss_mib"], result["kl_per_answer"]
     if not args.keep_checkpoints:
         shutil.rmtree(result["checkpoint"], ignore_errors=True)
     evals, samples, train = read_run(result["run_dir"])
@@ -455,10 +457,9 @@ def one_job(job, args, bench_dir, base_dir, core=None):
     first, last = int(evals[0]["generation"]), int(evals[-1]["generation"])
     run = {"schema": SCHEMA, **job, **result, "answers_per_update": unit, "curve": curve, "train_reward": train,
            "reward_before": curve[0]["reward"], "reward_after": curve[-1]["reward"],
-           "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": rss, "kl_s": kl_wall, **kl,
            "answers_before": by_gen[first], "answers_after": by_gen[last]}
     print(f"=== {label}: {run['reward_before']:.1f} -> {run['reward_after']:.1f}, correct {curve[-1]['correct']}/"
-          f"{curve[-1]['checkable']}, KL {kl['kl_per_answer']:.3f} per answer, {result['train_answers_scored']} "
+          f"{curve[-1]['checkable']}, KL {kl:.3f} per answer, {result['train_answers_scored']} "
           f"training answers, wall {wall / 60:.1f} min, CPU {cpu / 60:.1f} min, peak RSS {rss:.0f} MiB", flush=True)
     return run
 
