@@ -19,7 +19,8 @@ What is equal for every method:
   1, the group GRPO normalises over). Generations and steps are derived from B. One run per seed
   goes to the largest budget and is evaluated at every multiple of the smallest: ES draws its
   noise from (seed, generation) and GRPO runs with a constant lr, so the state at 128 answers is
-  the state a run stopped at 128 would end with;
+  the state a run stopped at 128 would end with (for ES exactly; for GRPO as long as TRL's
+  sampler order does not depend on the step count, not checked bit for bit);
 - the tuning effort: --trials K settings per method (default 6) from a fixed grid per method, ES:
   lr x sigma around each rung's own defaults (ES_GRID), GRPO: lr x beta (GRPO_GRID), all at the
   smallest budget (tuning happens once, at 128 answers, not per budget) on --tune-seeds (100),
@@ -57,7 +58,8 @@ Estimate of its time, not a measurement: with the 128-answer minutes measured fo
 scaled by the answers, 6 trials x 13.7 min = 82 min of tuning, 3 seeds x 16 x 13.7 min = 658 min
 of final runs, about 30 min of KL estimates: ~770 single-core minutes, ~6.5 hours with two jobs
 at a time on a 2-core CPU (--cores 0,1); GRPO with beta > 0 also runs a reference model (slower).
-Results: pending (the long run has not been made yet); RESULTS.md holds the earlier 128-answer bench.
+Results: pending (the full run has not been made). RESULTS.md's ES-vs-GRPO section holds a 128-answer
+comparison without tuning trials (GRPO's lr chosen on the test prompts, ES untuned).
 See:   in --results-dir: es_vs_grpo.json (everything), es_vs_grpo_runs.csv (one row per job),
        es_vs_grpo_curves.png (held-out reward and correct answers against training answers, mean
        +- std over seeds), es_vs_grpo_kl.png (reward against KL: every trial on the validation
@@ -582,11 +584,13 @@ def ours_vs_table2(results):
     top = str(max(int(b) for b in g["budgets"]))
     for m in (m for m in s if m != "grpo"):
         e = s[m]
-        ratio = g["budgets"][top]["reward"]["std"] / max(e["budgets"][top]["reward"]["std"], 1e-9)
-        kl = g["end"]["kl_per_answer"]["mean"] / max(e["end"]["kl_per_answer"]["mean"], 1e-9)
-        lines.append(f"- {NAMES[m]} vs GRPO at {top} answers: GRPO's reward std / ES's = {ratio:.2f}x; "
-                     f"GRPO's KL / ES's = {kl:.2f}x at rewards {g['budgets'][top]['reward']['mean']:.1f} (GRPO) "
-                     f"and {e['budgets'][top]['reward']['mean']:.1f} (ES)")
+        ratio = lambda a, b: f"{a / b:.2f}x" if b > 1e-6 else f"n/a ({a:.3g} / {b:.3g})"  # noqa: E731
+        stds = g["budgets"][top]["reward"]["std"], e["budgets"][top]["reward"]["std"]
+        kls = g["end"]["kl_per_answer"]["mean"], e["end"]["kl_per_answer"]["mean"]
+        lines.append(f"- {NAMES[m]} vs GRPO at {top} answers, {len(e['seeds'])} seeds each: GRPO's reward std / "
+                     f"ES's = {ratio(*stds)}; GRPO's KL / ES's = {ratio(*kls)} at rewards "
+                     f"{g['budgets'][top]['reward']['mean']:.1f} (GRPO) and {e['budgets'][top]['reward']['mean']:.1f} "
+                     f"(ES)")
     return lines
 
 
@@ -601,7 +605,9 @@ def plot(results, path_curves, path_kl):
         for ax, key in zip(axes, ("reward", "correct")):
             mean = np.array([v[key]["mean"] for v in m["budgets"].values()])
             std = np.array([v[key]["std"] for v in m["budgets"].values()])
-            label = f"{NAMES[method]} (lr {results['chosen'][method]['lr']:g}): {len(m['seeds'])} seeds"
+            c = results["chosen"][method]
+            knob = f"beta {c['beta']:g}" if method == "grpo" else f"sigma {c['sigma']:g}"
+            label = f"{NAMES[method]} (lr {c['lr']:g}, {knob}): {len(m['seeds'])} seeds"
             ax.errorbar(x, mean, yerr=std, fmt="o-", color=COLORS[method], capsize=3, label=label)
             finals = [r for r in runs if r["method"] == method and r["role"] == "final"]
             y = np.array([[c[key] for c in r["curve"]] for r in finals])  # (seeds, evaluations)
@@ -631,13 +637,15 @@ def plot(results, path_curves, path_kl):
             ax.plot(*zip(*pts), "x" if role == "trial" else "o", color=COLORS[method], label=NAMES[method])
             f = front(pts)
             ax.step(*zip(*f), where="post", color=COLORS[method], alpha=0.6)
-        ax.set(xscale="symlog", xlabel="KL(tuned || base), k3, nats per sampled answer",
+        ax.set_xscale("symlog", linthresh=0.01)  # k3 estimates can be slightly negative
+        ax.set(xlabel="KL(tuned || base), k3, nats per sampled answer",
                ylabel="reward at the end of the run", title=title)
         ax.legend(fontsize=7, title="lines: non-dominated fronts", title_fontsize=7)
     axes[2].axis("off")
     text = PAPER_TABLE2 + "\n\nThis bench:\n" + "\n".join(ours_vs_table2(results))
-    axes[2].text(0, 1, text.replace("; ", ";\n  ").replace(" at rewards", "\n  at rewards"), va="top",
-                 fontsize=7, wrap=True)
+    for a, b in ((" each: ", " each:\n  "), ("; ", ";\n  "), (" at rewards", "\n  at rewards")):
+        text = text.replace(a, b)
+    axes[2].text(0, 1, text, va="top", fontsize=7, wrap=True)
     fig.tight_layout()
     fig.savefig(path_kl, dpi=100)
     plt.close(fig)
