@@ -56,8 +56,9 @@ Run:   pip install -r requirements-bench.txt     (TRL, for this bench only)
 Estimate of its time, not a measurement: with the 128-answer minutes measured for the earlier bench
 (one thread per run: rung 5 6.1, rung 6 2.6, GRPO 5.0, model loading and evaluations included)
 scaled by the answers, 6 trials x 13.7 min = 82 min of tuning, 3 seeds x 16 x 13.7 min = 658 min
-of final runs, about 30 min of KL estimates: ~770 single-core minutes, ~6.5 hours with two jobs
-at a time on a 2-core CPU (--cores 0,1); GRPO with beta > 0 also runs a reference model (slower).
+of final runs, 27 KL estimates x ~1.9 min (measured then: 0.8-2.1 min) = ~51 min: ~790 single-core
+minutes, ~6.6 hours with two jobs at a time on a 2-core CPU (--cores 0,1). GRPO with beta > 0 also
+runs a reference model (slower); --eggroll adds rung 7's trials and runs (not in the estimate).
 Results: pending (the full run has not been made). RESULTS.md's ES-vs-GRPO section holds a 128-answer
 comparison without tuning trials (GRPO's lr chosen on the test prompts, ES untuned).
 See:   in --results-dir: es_vs_grpo.json (everything), es_vs_grpo_runs.csv (one row per job),
