@@ -139,6 +139,76 @@ CONCISENESS_TEST = [("What is the capital of France?", "Paris"),
                     ("How many days are in a week?", "7")]
 
 
+# Validation prompts of the same kind (short question, one-word or one-number target), none equal
+# to a training or held-out prompt. They exist for tuning: studies/es_vs_grpo.py scores every
+# tuning trial (ES sigma x lr, GRPO lr x beta) on these prompts, never on CONCISENESS_TEST, so the
+# held-out prompts judge only the chosen settings. No rung trains or evaluates on them by default.
+CONCISENESS_VALID = [("What is the capital of Italy?", "Rome"),
+                     ("Calculate: 9 \u00d7 6 =", "54"),
+                     ('Is the statement "All fish can fly" true or false?', "False"),
+                     ("What comes next in the sequence: 3, 6, 9, 12, ?", "15"),
+                     ('Translate "Thank you" to French:', "Merci"),
+                     ("What is 10% of 50?", "5"),
+                     ("Name one planet in our solar system:", "Mars"),
+                     ("How many months are in a year?", "12"),
+                     ("What is the largest ocean on Earth?", "Pacific"),
+                     ("Solve: 20 - 4 =", "16")]
+
+# What counts as a correct answer to each conciseness prompt, for answer_check below (the reward
+# cannot see correctness): (accepted words, rejected words). An answer is correct when one accepted
+# word (or phrase) is among its words and no rejected one is. Numbers may be written as digits or
+# words; a primary colour is any of red, yellow, blue (paint) or green (light).
+CONCISENESS_CHECKS = {
+    "Solve: 3 + 5 =": (("8", "eight"), ()),
+    "If all birds can fly and penguins are birds, can penguins fly?": (("no",), ("yes",)),
+    "What is the capital of France?": (("paris",), ()),
+    "Calculate: 12 \u00d7 7 =": (("84", "eighty four"), ()),
+    'Is the statement "All cats are mammals" true or false?': (("true",), ("false",)),
+    "What comes next in the sequence: 2, 4, 6, 8, ?": (("10", "ten"), ()),
+    'Translate "Hello" to Spanish:': (("hola",), ()),
+    "What is 15% of 200?": (("30", "thirty"), ()),
+    "Name one primary color:": (("red", "yellow", "blue", "green"), ()),
+    "How many days are in a week?": (("7", "seven"), ()),
+    "What is the capital of Italy?": (("rome",), ()),
+    "Calculate: 9 \u00d7 6 =": (("54", "fifty four"), ()),
+    'Is the statement "All fish can fly" true or false?': (("false",), ("true",)),
+    "What comes next in the sequence: 3, 6, 9, 12, ?": (("15", "fifteen"), ()),
+    'Translate "Thank you" to French:': (("merci",), ()),
+    "What is 10% of 50?": (("5", "five"), ()),
+    "Name one planet in our solar system:": (("mercury", "venus", "earth", "mars", "jupiter", "saturn", "uranus",
+                                              "neptune"), ()),
+    "How many months are in a year?": (("12", "twelve"), ()),
+    "What is the largest ocean on Earth?": (("pacific",), ()),
+    "Solve: 20 - 4 =": (("16", "sixteen"), ()),
+}
+ECHO_COVERAGE = 0.5  # answer_check: an echo repeats at least this share of the question's distinct words
+
+
+def answer_words(text):
+    """Lower-case words and numbers of a text: 'Calculate: 12 x 7 = 84.' -> [calculate, 12, x, 7, 84]
+    ('10.5' and '1,000' stay one token; a final full stop is dropped)."""
+    return re.findall(r"[a-z]+|\d+(?:[.,]\d+)*", text.lower())
+
+
+def answer_check(question, answer, checks=None):
+    """What the conciseness reward cannot see, for one answer: {"empty", "echo", "correct"}.
+    empty: the answer has no letter or digit. echo: the answer is only the question again: every
+    word of it is a word of the question, and it repeats at least ECHO_COVERAGE of the question's
+    distinct words ('How many days in a week' to 'How many days are in a week?'; '12 x 7 = 84' is
+    no echo, 84 is new). correct: one of the prompt's accepted words (CONCISENESS_CHECKS) is among
+    the answer's words and no rejected one is; None when the prompt has no check."""
+    checks = CONCISENESS_CHECKS if checks is None else checks
+    words, asked = answer_words(answer), set(answer_words(question))
+    empty = not words
+    echo = not empty and set(words) <= asked and len(set(words)) >= ECHO_COVERAGE * len(asked)
+    correct = None
+    if question in checks:
+        accept, reject = checks[question]
+        text = " " + " ".join(words) + " "
+        correct = (any(f" {a} " in text for a in accept) and not any(f" {r} " in text for r in reject))
+    return {"empty": empty, "echo": echo, "correct": correct}
+
+
 def conciseness_task(args=None):
     def make(pairs):
         return [{"messages": [{"role": "user", "content": q}], "prefix": "", "target": a} for q, a in pairs]
