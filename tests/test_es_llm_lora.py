@@ -42,7 +42,7 @@ def make_engine(model_dir, *flags):
     args = es.parse_args(["--engine", "hf", "--model", str(model_dir), "--max-new-tokens", "12", "--dtype", "float32",
                           *flags])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return es.HFEngine(str(model_dir), args, tokenizer), tokenizer, args
+    return es.make_engine(args, str(model_dir), tokenizer), tokenizer, args
 
 
 def prompt_ids(tokenizer):
@@ -223,7 +223,7 @@ def test_layer_sigma_is_proportional_to_mean_abs_weight():
     (["--sigma", "0"], "--sigma must be > 0"),
     (["--mode", "eggroll"], "two scripts now: es_llm_lora.py (adapter) and es_llm_eggroll.py"),
     (["--mode=adapter"], "two scripts now"),
-    (["--engines", "2"], "es_llm_vllm.py --engines N"),
+    (["--engines", "2"], "es_llm_ray.py"),
 ])
 def test_bad_flags_give_one_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -358,7 +358,7 @@ def test_vllm_serves_the_population_and_the_saved_adapter_with_the_hf_engine_tok
     adapter = es.init_adapter(shapes, 2, 0.05, 0)
     sigmas = es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)
     ids, rows = prompt_ids(tokenizer), None
-    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    engine = es.make_engine(args, str(chaotic_dir), tokenizer, None, 256)
     try:
         for generation in (1, 2):  # new adapters (new ids) each generation, B then A perturbed
             members = es.member_seeds(4, generation, 4, mirrored=True)
