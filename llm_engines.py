@@ -10,7 +10,7 @@ Nothing here is ES. It builds and drives the engines the rungs evolve, one part 
    Face names (vllm_slots), the inf/NaN logits watch and the KV-cache clearing;
 3. the thread pool that runs a rung's per-tensor weight work on all cores (same result as a
    plain loop);
-4. LoRA: PEFT adapter folders (read, write) and vLLM's multi-LoRA serving of a population;
+4. LoRA: PEFT adapter folders (read, write), a merged model, vLLM's multi-LoRA serving;
 5. the engines of rungs 6 and 7, which answer for a whole population of low-rank terms in one
    generate call: transformers with a forward hook per chosen layer (LowRankRows, RowAdapterHF),
    vLLM with one LoRA adapter per member (RowAdapterVLLM, RowAdapterWorker); a rung that evolves
@@ -635,6 +635,16 @@ def read_peft_adapter(folder):
     return {n: (tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
             for n in names}, config
 
+
+def write_merged(folder, model_dir, adapter, args, tokenizer):
+    """A Hugging Face folder of the base with W + (alpha/r) B A in every adapted matrix (adapter: {name:
+    {"A": (r, d_in), "B": (d_out, r)}}; --lora-alpha, --rank), summed in float32, saved in --dtype."""
+    model, _ = load_hf_model(model_dir, "float32", "cpu")
+    modules = dict(model.named_modules())
+    for name, ab in adapter.items():
+        modules[name].weight.data.add_(args.lora_alpha / args.rank * ab["B"] @ ab["A"])
+    model.to(TORCH_DTYPES[args.dtype]).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 class LoraServing:
     """vLLM multi-LoRA plumbing: serve() writes each member's adapter as a PEFT folder under a NEW

@@ -339,7 +339,8 @@ def lm_setup(spec, method, model_dir, seed):
                                   rank=rank, lora_alpha=float(rank), shaping="zscore", lr=defaults["lr"])
 
         def step():  # one generation of es_llm_lora.main with the HF engine: its es_generation
-            rung6.es_generation(engine, tokenizer, RowIndexTask(), prompts, state, es_args, 1, support.Stopwatch())
+            rung6.es_generation(engine, support.make_chat(engine, tokenizer), RowIndexTask(), prompts, state, es_args, 1,
+                                support.Stopwatch())
         adapter = [t for ab in state["adapter"].values() for t in ab.values()]
         return step, list(engine.model.parameters()) + list(engine.model.buffers()) + adapter, \
             sum(p.numel() for p in engine.model.parameters())

@@ -180,7 +180,8 @@ def test_generations_alternate_b_then_a_and_touch_only_the_active_factor(counter
              "sigmas": es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)}
     for generation, active in [(1, "B"), (2, "A"), (3, "B")]:
         before = {k: {f: t.clone() for f, t in ab.items()} for k, ab in state["adapter"].items()}
-        fitness, _, _ = es.es_generation(engine, tokenizer, task, task.train, state, args, generation, support.Stopwatch())
+        chat = support.make_chat(engine, tokenizer)
+        fitness, _, _ = es.es_generation(engine, chat, task, task.train, state, args, generation, support.Stopwatch())
         assert len(set(fitness)) > 1  # the members differ, so the update is not zero
         moved = {f for k, ab in state["adapter"].items() for f in "AB" if not torch.equal(ab[f], before[k][f])}
         assert moved == {active}, generation
