@@ -97,13 +97,9 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
                                                          "the same prompts for every member.", "min": 0})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
     rank: int = field(default=1, metadata={"help": "r: rank of each member's noise E = B A / sqrt(r).", "min": 1})
-    target_modules: str = field(default=PROJECTIONS, metadata={"help": "Comma-separated names of the linear "
-                                                                        "layers that are evolved (and get noise)."})
-    layers: str = field(default="", metadata={"help": "Comma-separated decoder layer indices to adapt "
-                                                      "(empty = all)."})
-    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
-                                                              "of mean|W_m| (per matrix; the base's values, once per "
-                                                              "run); --no-layer-sigma: sigma everywhere."})
+    target_modules: str = field(default=PROJECTIONS, metadata={"help": "Comma-separated linear layers to evolve."})
+    layers: str = field(default="", metadata={"help": "Decoder layer indices to evolve, comma-separated (empty = all)."})
+    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / (mean of mean|W_m|)."})
 
 
 def parse_args(argv=None):
@@ -177,9 +173,9 @@ def training_batch(train, args, generation):
 # Weight operations: the population as noise adapters, and the update with the same noise
 # ----------------------------------------------------------------------------------------------
 
-def tensor_noise(seed, index, shape, *key):
-    """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index, *key])."""
-    stream = int(np.random.SeedSequence([seed, index, *key]).generate_state(1)[0])
+def tensor_noise(seed, index, shape):
+    """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index])."""
+    stream = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
     return torch.randn(shape, generator=torch.Generator().manual_seed(stream), dtype=torch.float32)
 
 
