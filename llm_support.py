@@ -5,7 +5,8 @@ checks against the formula, and its run loop. This module holds what every rung'
 around that, one part after another:
 
 1. flags: the engine and run flags every LLM rung has, and the parser that turns a dataclass of
-   fields into `--help` and checked values (and continues a run's own settings on --resume);
+   fields into `--help` and checked values (and continues a run's own settings on --resume), with
+   the checks of the rungs that pick linear layers (--target-modules, --layers);
 2. prompts: chat template + assistant prefix -> token ids, `make_chat` (the batched greedy
    `chat(conversations, rows)` that the tasks of llm_tasks.py play through) and the Stopwatch;
 3. checkpoints: Hugging Face folders holding the float32 master, PEFT adapter folders;
@@ -23,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -145,6 +147,31 @@ def parse_args(args_class, description, argv=None, aliases=None):
     return args, parser
 
 
+def refuse_mode(args_class, argv=None):
+    """--mode: rung 6's two modes are two scripts now (es_llm_lora.py, es_llm_eggroll.py); one clear message."""
+    if any(a.split("=")[0] == "--mode" for a in (sys.argv[1:] if argv is None else argv)):  # not --model
+        build_parser(args_class, "").error("--mode: rung 6's two modes are two scripts now: es_llm_lora.py "
+                                           "(adapter) and es_llm_eggroll.py (eggroll)")
+
+
+def check_linear_flags(parser, args, script):
+    """--target-modules and --layers of the rungs that pick linear layers (es_llm_lora.py, es_llm_eggroll.py),
+    and --resume of a run the other of the two continues (they were once one script with --mode)."""
+    names = args.target_modules.split(",")
+    if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
+        parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
+    if args.layers and not re.fullmatch(r"\d+(,\d+)*", args.layers):
+        parser.error(f"--layers must be layer indices separated by commas, got {args.layers!r}")
+    run = Path(args.resume) if args.resume else None
+    mode = json.loads((run / "args.json").read_text()).get("mode") if run else None
+    if script == "es_llm_lora" and mode == "eggroll":
+        parser.error(f"--resume {run}: an EGGROLL run (the former es_llm_lora.py --mode eggroll); "
+                     f"continue it with: python es_llm_eggroll.py --resume {run}")
+    if script == "es_llm_eggroll" and run and (mode == "adapter" or (run / "checkpoint" / "adapter_config.json").exists()):
+        parser.error(f"--resume {run}: an adapter run (its checkpoint is a LoRA adapter, not weights); "
+                     f"continue it with: python es_llm_lora.py --resume {run}")
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Prompts and the chat function the tasks play through
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +282,15 @@ def save_adapter_checkpoint(run_dir, generation, factors, rank, alpha, target_mo
     (tmp / "es_state.json").write_text(json.dumps({"generation": generation, "base_model": str(base_model)}))
     shutil.rmtree(done, ignore_errors=True)
     tmp.rename(done)
+
+
+def save_adapter_run(run_dir, generation, adapter, args, base_model, final=True):
+    """save_adapter_checkpoint of a run's adapter {name: {"A": (r, d_in), "B": (d_out, r)}} with its own
+    --rank, --lora-alpha, --target-modules, --layers and --checkpoint."""
+    save_adapter_checkpoint(run_dir, generation, {k: (ab["A"], ab["B"]) for k, ab in adapter.items()}, args.rank,
+                            args.lora_alpha, args.target_modules.split(","),
+                            [int(k) for k in args.layers.split(",")] if args.layers else None, base_model,
+                            args.checkpoint, final)
 
 
 def adapter_resume_point(run_dir):

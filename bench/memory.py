@@ -329,7 +329,7 @@ def lm_setup(spec, method, model_dir, seed):
         # gen_batch_size = N x prompts: the whole population in ONE generate call, as rung 6 runs it
         engine_args = SimpleNamespace(device="cpu", dtype=spec["dtype"],
                                       target_modules=rung6.PROJECTIONS, layers="", max_new_tokens=spec["new_tokens"], gen_batch_size=n * len(prompts))
-        engine = rung6.HFEngine(model_dir, engine_args, tokenizer)  # dtype weights, frozen; no float32 master
+        engine = llm_engines.RowAdapterHF(model_dir, engine_args, tokenizer)  # rung 6's HF engine: frozen, no master
         engine.generator.config.min_new_tokens = spec["new_tokens"]  # every answer exactly new_tokens long
         shapes = {name: tuple(w.shape) for name, w in engine.slots}  # sorted names: rung 6's noise order
         defaults = {f.name: f.default for f in fields(rung6.Args)}  # the rung's own sigma and lr
@@ -339,7 +339,8 @@ def lm_setup(spec, method, model_dir, seed):
                                   rank=rank, lora_alpha=float(rank), shaping="zscore", lr=defaults["lr"])
 
         def step():  # one generation of es_llm_lora.main with the HF engine: its es_generation
-            rung6.es_generation(engine, tokenizer, RowIndexTask(), prompts, state, es_args, 1, support.Stopwatch())
+            rung6.es_generation(engine, support.make_chat(engine, tokenizer), RowIndexTask(), prompts, state, es_args, 1,
+                                support.Stopwatch())
         adapter = [t for ab in state["adapter"].values() for t in ab.values()]
         return step, list(engine.model.parameters()) + list(engine.model.buffers()) + adapter, \
             sum(p.numel() for p in engine.model.parameters())

@@ -97,7 +97,10 @@ class Method:
         self.engine = self.rung.make_engine(self.args, model_dir, tokenizer, None, max_model_len)
         if self.rung is not rung5:  # the state the rung's main builds (global sigma)
             shapes = llm_engines.linear_shapes(model_dir, self.args.target_modules, self.args.layers)
-            self.state = self.rung.start_state(shapes, self.args)
+            self.state = {"shapes": shapes, "sigmas": self.rung.layer_sigmas(dict.fromkeys(shapes, 1.0), self.args.sigma,
+                                                                            False)}
+            if name == "adapter":
+                self.state["adapter"] = self.rung.init_adapter(shapes, self.args.rank, self.args.init_b, self.args.seed)
         self.ids = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in self.problems]
         self.support = support
 
@@ -107,12 +110,12 @@ class Method:
         if self.name == "plain":
             out = self.engine.generate(self.ids * n)
             return sum(len(t) for t, _ in out), len(out)
+        chat = self.support.make_chat(self.engine, self.tokenizer, clock)
         if self.rung.SCRIPT == "es_llm_vllm":
-            chat = self.support.make_chat(self.engine, self.tokenizer, clock)
             _, tokens, _ = self.rung.es_generation(self.engine, chat, self.task, self.problems, self.args, generation, clock)
         else:
-            _, tokens, _ = self.rung.es_generation(self.engine, self.tokenizer, self.task, self.problems, self.state,
-                                                self.args, generation, clock)
+            _, tokens, _ = self.rung.es_generation(self.engine, chat, self.task, self.problems, self.state, self.args,
+                                                generation, clock)
         return tokens, n * len(self.problems)
 
 

@@ -44,8 +44,8 @@ def test_the_benchmarked_adapter_step_is_rung_6s_training_step(tmp_path):
     state = {"shapes": shapes, "sigmas": rung6.layer_sigmas({k: 1.0 for k in shapes}, method.args.sigma, False),
              "adapter": rung6.init_adapter(shapes, 1, method.args.init_b, 0)}
     engine = rung6.make_engine(method.args, str(tiny), tokenizer)
-    _, expected_tokens, _ = rung6.es_generation(engine, tokenizer, task, task.train, state, method.args, 1,
-                                             support.Stopwatch())
+    _, expected_tokens, _ = rung6.es_generation(engine, support.make_chat(engine, tokenizer), task, task.train, state,
+                                             method.args, 1, support.Stopwatch())
     assert tokens == expected_tokens
     for name, ab in state["adapter"].items():
         assert torch.equal(method.state["adapter"][name]["B"], ab["B"]), name  # generation 1 moves B
@@ -74,6 +74,6 @@ def test_without_train_the_update_runs_but_leaves_the_weights_at_the_base(tiny):
     args = bench.parse_args(["--engine", "hf", "--dtype", "float32", "--max-new-tokens", "6", "--population-size", "4"])
     tokenizer = llm_engines.load_model_files(str(tiny))[0]
     method = bench.Method("eggroll", args, str(tiny), tokenizer, tasks.conciseness_task(), 256)
-    before = [m.clone() for m in method.engine.master]
+    before = [m.clone() for m in method.engine.weights.master]
     method.step(1)
-    assert method.args.lr == 0.0 and all(torch.equal(a, b) for a, b in zip(before, method.engine.master))
+    assert method.args.lr == 0.0 and all(torch.equal(a, b) for a, b in zip(before, method.engine.weights.master))

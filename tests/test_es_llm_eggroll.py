@@ -43,7 +43,7 @@ def make_engine(model_dir, *flags):
     args = es.parse_args(["--engine", "hf", "--model", str(model_dir), "--max-new-tokens", "12", "--dtype", "float32",
                           *flags])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return es.HFEngine(str(model_dir), args, tokenizer), tokenizer, args
+    return es.make_engine(args, str(model_dir), tokenizer), tokenizer, args
 
 
 def prompt_ids(tokenizer):
@@ -279,7 +279,7 @@ def test_vllm_an_exploding_member_leaves_no_trace(chaotic_dir):
                           "--population-size", "4", "--max-new-tokens", "12", "--dtype", "float32"])
     tokenizer = AutoTokenizer.from_pretrained(chaotic_dir)
     shapes = llm_engines.linear_shapes(chaotic_dir, args.target_modules)
-    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    engine = es.make_engine(args, str(chaotic_dir), tokenizer, None, 256)
     try:
         exploding_member_leaves_no_trace(engine, prompt_ids(tokenizer),
                                          *population_with_an_exploding_member(shapes))

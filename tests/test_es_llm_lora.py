@@ -42,7 +42,7 @@ def make_engine(model_dir, *flags):
     args = es.parse_args(["--engine", "hf", "--model", str(model_dir), "--max-new-tokens", "12", "--dtype", "float32",
                           *flags])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return es.HFEngine(str(model_dir), args, tokenizer), tokenizer, args
+    return es.make_engine(args, str(model_dir), tokenizer), tokenizer, args
 
 
 def prompt_ids(tokenizer):
@@ -180,7 +180,8 @@ def test_generations_alternate_b_then_a_and_touch_only_the_active_factor(counter
              "sigmas": es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)}
     for generation, active in [(1, "B"), (2, "A"), (3, "B")]:
         before = {k: {f: t.clone() for f, t in ab.items()} for k, ab in state["adapter"].items()}
-        fitness, _, _ = es.es_generation(engine, tokenizer, task, task.train, state, args, generation, support.Stopwatch())
+        chat = support.make_chat(engine, tokenizer)
+        fitness, _, _ = es.es_generation(engine, chat, task, task.train, state, args, generation, support.Stopwatch())
         assert len(set(fitness)) > 1  # the members differ, so the update is not zero
         moved = {f for k, ab in state["adapter"].items() for f in "AB" if not torch.equal(ab[f], before[k][f])}
         assert moved == {active}, generation
@@ -358,7 +359,7 @@ def test_vllm_serves_the_population_and_the_saved_adapter_with_the_hf_engine_tok
     adapter = es.init_adapter(shapes, 2, 0.05, 0)
     sigmas = es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)
     ids, rows = prompt_ids(tokenizer), None
-    engine = es.VLLMEngine(str(chaotic_dir), args, tokenizer, None, 256)
+    engine = es.make_engine(args, str(chaotic_dir), tokenizer, None, 256)
     try:
         for generation in (1, 2):  # new adapters (new ids) each generation, B then A perturbed
             members = es.member_seeds(4, generation, 4, mirrored=True)
