@@ -47,8 +47,8 @@ CLAIMS = [
      "RESULTS.md rung 5, float32 finals over seeds 0-9 (seed 0: -60.6)"),
     (6, "python es_llm_lora.py", "final held-out reward", -122.3, -54.7,
      "RESULTS.md rung 6, float32 finals over seeds 0-9 (seed 0: -75.2)"),
-    (7, "python es_llm_eggroll.py", "final held-out reward", -114.4, -100.5,
-     "RESULTS.md rung 7, float32 finals over seeds 0-2 (seed 0: -113.4)"),
+    (7, "python es_llm_eggroll.py", "final held-out reward", -154.8, -80.6,
+     "RESULTS.md rung 7, float32 finals over seeds 0-9 (seed 0: -113.4)"),
 ]
 TOY_RUNGS = (1, 2, 3, 4)
 
