@@ -45,8 +45,8 @@ Four decisions that change what ES sees:
 - Ctrl-C never leaves a checkpoint from a half-applied update (the loop in main() checks).
 Checkpoints are Hugging Face folders holding the float32 master, and --resume ends on the same
 weights as an uninterrupted run (all randomness derives from (seed, generation)). Read main()'s
-loop, es_generation() and evaluate_members() first, then the weight operations; the reward is in
-llm_tasks.py, how a model is built and served in llm_engines.py (skip it on a first reading).
+loop, es_generation() and evaluate_members() first, then the weight operations. Two files hold the
+rest: llm_tasks.py (reward, chat, metrics.csv), llm_engines.py (flags, engines, checkpoints; skip it).
 --resume also continues a run started as es_llm_lora.py --mode eggroll.
 
 Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
@@ -71,7 +71,7 @@ import torch
 from tqdm import tqdm
 
 import llm_engines
-import llm_support as support
+import llm_tasks
 from llm_tasks import TaskArgs, make_task
 
 SCRIPT = "es_llm_eggroll"
@@ -79,7 +79,7 @@ PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass
-class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and engine flags (llm_support)
+class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine flags (llm_engines)
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
     sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs W + sigma_m E_i (> 0).",
@@ -103,12 +103,12 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
 
 
 def parse_args(argv=None):
-    support.refuse_mode(Args, argv)  # rung 6 was once one script with two modes
+    llm_engines.refuse_mode(Args, argv)  # rung 6 was once one script with two modes
     # "ranks" was the old spelling of centered_rank (run folders saved before the rename)
-    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
+    args, parser = llm_engines.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
-    support.check_linear_flags(parser, args, SCRIPT)  # and --resume of the other script's runs
+    llm_engines.check_linear_flags(parser, args, SCRIPT)  # and --resume of the other script's runs
     return args
 
 
@@ -215,7 +215,7 @@ class Weights:
     def __init__(self, tensors, names, master_path=None):
         views = dict(tensors)
         self.tensors, self.slots = tensors, [(name, views[f"{name}.weight"]) for name in names]
-        self.master = support.load_master([(f"{n}.weight", w) for n, w in self.slots], master_path) \
+        self.master = llm_engines.load_master([(f"{n}.weight", w) for n, w in self.slots], master_path) \
             if master_path else [w.detach().to(torch.float32, copy=True) for _, w in self.slots]
         for (_, w), m in zip(self.slots, self.master):
             w.copy_(m)  # the engine holds w = round(master)
@@ -224,11 +224,11 @@ class Weights:
         eggroll_update(self.slots, self.master, dict(coeffs), sigmas, lr, n, rank)
 
     def checksum(self):
-        return support.checksum(self.slots)
+        return llm_engines.checksum(self.slots)
 
     def save_weights(self, path):  # every tensor in float32, the evolved ones from the master
         master = {f"{name}.weight": m for (name, _), m in zip(self.slots, self.master)}
-        support.save_master(self.tensors, [master.get(n, w.float()) for n, w in self.tensors], path)
+        llm_engines.save_master(self.tensors, [master.get(n, w.float()) for n, w in self.tensors], path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def main(argv=None):
     test = task.test[:args.eval_size] if args.eval_size else task.test
     if args.resume:  # a resumed run keeps writing into its own folder
         run_dir = Path(args.resume)
-        start, model_dir, master_path = support.resume_point(run_dir)
+        start, model_dir, master_path = llm_engines.resume_point(run_dir)
     else:
         try:
             model_dir = llm_engines.resolve_model(args.model, args.cache_dir or llm_engines.default_cache_dir(), args.dtype)
@@ -310,7 +310,7 @@ def main(argv=None):
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     model_files = llm_engines.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
-    max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
+    max_model_len = task.max_context(lambda conv: len(llm_tasks.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
     shapes = llm_engines.linear_shapes(model_dir, args.target_modules, args.layers)  # {name: (d_out, d_in)}, sorted
     sigmas_file = run_dir / "sigmas.json"  # sigma_m per matrix, from the base model's weights, once per run
@@ -319,7 +319,7 @@ def main(argv=None):
         sigmas_file.write_text(json.dumps(layer_sigmas(mean_abs, args.sigma, args.layer_sigma), indent=1))
     sigmas = json.loads(sigmas_file.read_text())
     state = {"shapes": shapes, "sigmas": sigmas}
-    chat = support.make_chat(engine, tokenizer)
+    chat = llm_tasks.make_chat(engine, tokenizer)
     batch = args.batch_size or len(task.train)
     print(f"model {model_dir} | engine {engine.name} | {args.dtype} | noise rank {args.rank} on {len(shapes)} matrices"
           f" ({sum(o * i for o, i in shapes.values()) / 1e6:.3f}M evolved parameters), all members in ONE "
@@ -327,22 +327,22 @@ def main(argv=None):
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
           f"{' (mirrored pairs: one noise draw per pair)' if args.mirrored else ''} x {batch} prompts per "
           f"generation, greedy, <= {args.max_new_tokens} new tokens per answer")
-    log = support.MetricsLog(run_dir, start, task.extra_metrics)
-    done, generation, clock, degenerate, status, save_at = start, start, support.Stopwatch(), 0, 0, args.generations
+    log = llm_tasks.MetricsLog(run_dir, start, task.extra_metrics)
+    done, generation, clock, degenerate, status, save_at = start, start, llm_tasks.Stopwatch(), 0, 0, args.generations
     try:
         if start == 0:
-            log.log({"generation": 0, **support.evaluate(task, chat, test, run_dir, 0, args.show)})
+            log.log({"generation": 0, **llm_tasks.evaluate(task, chat, test, run_dir, 0, args.show)})
         bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
         for generation in bar:
-            t_start, clock = time.time(), support.Stopwatch()
+            t_start, clock = time.time(), llm_tasks.Stopwatch()
             problems = training_batch(task.train, args, generation)  # the same prompts for every member
             fitness, tokens, nonfinite = es_generation(engine, chat, task, problems, state, args, generation, clock)
             done = generation
-            row = support.generation_row(generation, fitness, clock, tokens, nonfinite)
-            why = support.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
-            degenerate += support.report_degenerate(generation, why, degenerate, args.stop_on_degenerate)
+            row = llm_tasks.generation_row(generation, fitness, clock, tokens, nonfinite)
+            why = llm_tasks.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
+            degenerate += llm_tasks.report_degenerate(generation, why, degenerate, args.stop_on_degenerate)
             if generation % args.eval_every == 0 or generation == args.generations:
-                row.update(support.evaluate(task, chat, test, run_dir, generation, args.show))
+                row.update(llm_tasks.evaluate(task, chat, test, run_dir, generation, args.show))
             row["seconds_total"] = round(time.time() - t_start, 3)
             log.log(row)
             bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
@@ -352,7 +352,7 @@ def main(argv=None):
                 status, save_at = 3, generation
                 break
             if args.save_every and generation % args.save_every == 0 and generation < args.generations:
-                support.save_checkpoint(engine, run_dir, generation, model_files, args.dtype, args.checkpoint, False)
+                llm_engines.save_checkpoint(engine, run_dir, generation, model_files, args.dtype, args.checkpoint, False)
         else:
             bar.close()
             if degenerate:
@@ -365,8 +365,8 @@ def main(argv=None):
             save_at = generation if "update" in clock.seconds else done
             print(f"\ninterrupted: saving the checkpoint after generation {save_at}")
     if save_at is not None:  # the end, --stop-on-degenerate, or Ctrl-C between updates
-        support.save_checkpoint(engine, run_dir, save_at, model_files, args.dtype, args.checkpoint, True)
-    support.plot_curves(run_dir, log.rows, f"{args.task}, eggroll, {engine.name}")
+        llm_engines.save_checkpoint(engine, run_dir, save_at, model_files, args.dtype, args.checkpoint, True)
+    llm_tasks.plot_curves(run_dir, log.rows, f"{args.task}, eggroll, {engine.name}")
     log.close()
     engine.close()
     if status:  # interrupted (130) or stopped at a degenerate generation (3)

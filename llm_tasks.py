@@ -1,4 +1,4 @@
-"""Tasks of the LLM rungs: the data, the prompts, the parsers and the rewards. No ES in here.
+"""Tasks of the LLM rungs and the run's record: data, prompts, rewards, chat, metrics. No ES in here.
 
 A task is a `Task`: a train and a test list of problems, and `rollout(chat, problems)`, which
 plays every problem to its end through `chat` and returns one result per problem. `chat` is the
@@ -18,14 +18,29 @@ mean reward of a member, so a new task needs no change to it.
 
 A new task: copy the template (one_word_task and one_word_reward, near the end of this file) and
 add one line to TASKS at the bottom; `--task <name>` then works in every LLM rung.
+
+After the tasks, the two things every rung's loop calls around its ES step, which a learner may
+open too: `make_chat` (a task's conversations -> token ids through the chat template -> the
+engine's batched greedy answers; the Stopwatch times it), and the run's record: `evaluate` (the
+held-out problems, samples.jsonl, the printed line), metrics.csv (`MetricsLog`, `generation_row`,
+the degenerate-generation check) and curve.png (`plot_curves`). With the rung file and
+llm_engines.py (how a model is built, served and saved), this is all one generation touches.
 """
 
+import csv
+import json
 import math
 import os
 import random
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
 
 
 # name -> builder(args) -> Task. Filled at the bottom of this file, the one place a task is registered;
@@ -652,6 +667,210 @@ def wordle_task(args):
     task.train, task.test = [problem(w) for w in train], [problem(w) for w in test]
     return task
 
+
+# ----------------------------------------------------------------------------------------------
+# Chat: a task's conversations -> the engine's batched greedy answers (every rung's `chat`)
+# ----------------------------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, messages, prefix=""):
+    """Chat template + the task's assistant prefix, as token ids (both engines get ids)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
+
+
+class Stopwatch:
+    """Seconds per named part: `with clock("generate"): ...` adds the time spent inside."""
+
+    def __init__(self):
+        self.seconds, self.inside = {}, None
+
+    @contextmanager
+    def __call__(self, part):
+        t0, self.inside = time.perf_counter(), part
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
+        self.inside = None  # not reached when the part was interrupted: `inside` names it
+
+    def __getitem__(self, part):
+        return self.seconds.get(part, 0.0)
+
+
+def make_chat(engine, tokenizer, clock=None, members=None):
+    """chat(conversations, rows=None) -> [(text, truncated, generated tokens)]: one batched greedy
+    call of `engine.generate` (token ids in, token ids out) for all conversations, each a
+    (messages, assistant prefix) pair. Without `members`, rows is unused (one model answers every
+    row). With members (a list: problem row -> population member), the engine is called as
+    engine.generate(ids, [members[r] for r in rows]), so a population-batched engine answers each
+    conversation with its member; chat.routed(members) is the same chat with that routing. The
+    engine's generate time goes to clock["generate"] when a Stopwatch is given."""
+    clock = clock or Stopwatch()
+
+    def chat(conversations, rows=None):
+        ids = [prompt_ids(tokenizer, messages, prefix) for messages, prefix in conversations]
+        with clock("generate"):
+            if members is None:
+                out = engine.generate(ids)
+            else:
+                rows = range(len(ids)) if rows is None else rows
+                out = engine.generate(ids, [members[r] for r in rows])
+        return [(tokenizer.decode(tokens, skip_special_tokens=True), truncated, len(tokens))
+                for tokens, truncated in out]
+    chat.routed = lambda routing: make_chat(engine, tokenizer, clock, routing)
+    return chat
+
+# ----------------------------------------------------------------------------------------------
+# The run's record: the held-out evaluation, metrics.csv, samples.jsonl, curve.png
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(task, chat, problems, run_dir, generation, show):
+    """One held-out evaluation: play the problems, append them to samples.jsonl, print `show`
+    answers and a summary line; returns the metrics row's eval columns."""
+    from tqdm import tqdm
+    t0 = time.time()
+    results = task.rollout(chat, problems)
+    write_samples(run_dir, generation, results)
+    for r in results[:show]:
+        tqdm.write(f"  [gen {generation}] {r['prompt'][:60]!r} -> {r['response'][:100]!r}")
+    ev = summarize_eval(results, task)
+    tqdm.write(eval_line(generation, ev))
+    return {**ev, "seconds_eval": round(time.time() - t0, 3)}
+
+
+def summarize_eval(results, task=None):
+    """Held-out metrics of one evaluation: mean reward (and on the paper's scale where the task
+    has one), accuracy, answer length, truncated share, and the task's extra metrics."""
+    mean = float(np.mean([r["reward"] for r in results]))
+    scale = getattr(task, "scaled", None)
+    ev = {"eval_reward": mean, "eval_reward_scaled": scale(mean) if scale else "",
+          "eval_accuracy": float(np.mean([bool(r["correct"]) for r in results])),
+          "eval_response_chars": float(np.mean([len(r["response"]) for r in results])),
+          "eval_truncated": float(np.mean([r["truncated"] for r in results]))}
+    summary = getattr(task, "summary", None)
+    if summary is not None:
+        ev.update({f"eval_{k}": v for k, v in summary(results).items()})
+    return ev
+
+
+def write_samples(run_dir, generation, results):
+    with open(Path(run_dir) / "samples.jsonl", "a") as f:
+        for r in results:
+            f.write(json.dumps({"generation": generation, "prompt": r["prompt"], "response": r["response"],
+                                "reward": r["reward"]}) + "\n")
+
+
+def eval_line(generation, ev):
+    scaled = f" (scaled {ev['eval_reward_scaled']:.4f})" if ev["eval_reward_scaled"] != "" else ""
+    return (f"generation {generation}: held-out reward {ev['eval_reward']:.2f}{scaled}, accuracy "
+            f"{ev['eval_accuracy']:.2f}, length {ev['eval_response_chars']:.0f} chars, "
+            f"truncated {ev['eval_truncated']:.2f}")
+
+
+METRICS = ["generation", "train_reward_mean", "train_reward_std", "train_reward_min", "train_reward_max",
+           "eval_reward", "eval_reward_scaled", "eval_accuracy", "eval_response_chars", "eval_truncated",
+           "seconds_generate", "seconds_weights", "seconds_eval", "seconds_total", "train_tokens", "tokens_per_s",
+           "degenerate", "nonfinite"]
+
+
+def read_metrics(path):
+    rows = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            rows.append({k: (float(v) if v not in ("", None) else "") for k, v in row.items()})
+    for r in rows:
+        r["generation"] = int(r["generation"])
+    return rows
+
+
+class MetricsLog:
+    """metrics.csv, one row per generation, flushed at once. A resumed run drops the rows written
+    after its checkpoint (they will be produced again, identically)."""
+
+    def __init__(self, run_dir, start, extra=()):
+        self.columns = METRICS + [f"eval_{k}" for k in extra]
+        path = Path(run_dir) / "metrics.csv"
+        self.rows = [r for r in read_metrics(path) if r["generation"] <= start] if path.exists() else []
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(self.rows)
+        self.file.flush()
+
+    def log(self, row):
+        full = {k: row.get(k, "") for k in self.columns}
+        self.writer.writerow(full)
+        self.file.flush()
+        self.rows.append(full)
+
+    def close(self):
+        self.file.close()
+
+
+def generation_row(generation, fitness, clock, tokens, nonfinite=0):
+    """The training columns of one generation's metrics row. nonfinite: members whose answers came
+    from inf/NaN logits (rung 5), or 1 when the population's one batched call had any (rung 6)."""
+    return {"generation": generation, "degenerate": int(bool(degenerate(fitness, nonfinite))),
+            "nonfinite": nonfinite, "train_reward_mean": float(np.mean(fitness)),
+            "train_reward_std": float(np.std(fitness)), "train_reward_min": float(np.min(fitness)),
+            "train_reward_max": float(np.max(fitness)), "seconds_generate": round(clock["rollout"], 3),
+            "seconds_weights": round(clock["perturb"] + clock["restore"] + clock["update"], 3),
+            "train_tokens": tokens, "tokens_per_s": round(tokens / max(clock["rollout"], 1e-9), 1)}
+
+
+def degenerate(fitness, nonfinite):
+    """Why a generation taught nothing, with what to try, or "" when it did not: every member scored
+    the same (shaping gives zeros: no update), or members answered from inf/NaN logits."""
+    if nonfinite:
+        return ("members answered from inf/NaN logits (their forward pass blew up, so their rewards say "
+                "nothing about the model): --sigma may be too large for this model or dtype")
+    if np.all(np.asarray(fitness) == fitness[0]):
+        return (f"all {len(fitness)} members scored {fitness[0]:.4g}, so this generation makes no update: "
+                "--sigma may be too large (every member broken alike) or too small (no member differs)")
+    return ""
+
+
+def report_degenerate(generation, why, earlier, stop):
+    """Print why a generation was degenerate: the first one (or every one with --stop-on-degenerate).
+    Returns 1 for a degenerate generation, 0 otherwise (the run counts them)."""
+    if why and (stop or not earlier):
+        tqdm.write(f"generation {generation} is degenerate: {why}"
+                   + ("" if stop else " (reported once; metrics.csv counts them)"))
+    return int(bool(why))
+
+
+def plot_curves(run_dir, rows, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [r for r in rows if r["train_reward_mean"] != ""]
+    evals = [r for r in rows if r["eval_reward"] != ""]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        g = [r["generation"] for r in train]
+        mean = np.array([r["train_reward_mean"] for r in train])
+        std = np.array([r["train_reward_std"] for r in train])
+        ax1.plot(g, mean, label="train: population mean")
+        ax1.fill_between(g, mean - std, mean + std, alpha=0.2, label="train: +- std")
+        ax1.plot(g, [r["train_reward_max"] for r in train], ":", label="train: best member")
+    if evals:
+        ax1.plot([r["generation"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="held-out")
+        ax2.plot([r["generation"] for r in evals], [r["eval_response_chars"] for r in evals], "o-",
+                 label="held-out answer length (chars)")
+        ax2b = ax2.twinx()
+        ax2b.plot([r["generation"] for r in evals], [r["eval_truncated"] for r in evals], "s--", color="gray",
+                  label="truncated share")
+        ax2b.plot([r["generation"] for r in evals], [r["eval_accuracy"] for r in evals], "^--", color="green",
+                  label="accuracy")
+        ax2b.set_ylim(-0.05, 1.05)
+        ax2b.legend(loc="upper right")
+    ax1.set(xlabel="generation", ylabel="reward", title=title)
+    ax1.legend()
+    ax2.set(xlabel="generation", title="held-out answers")
+    ax2.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(Path(run_dir) / "curve.png", dpi=100)
+    plt.close(fig)
 
 # ----------------------------------------------------------------------------------------------
 # The template: a single-turn task in two functions. To write your own, copy these two, change the

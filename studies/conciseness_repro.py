@@ -121,7 +121,7 @@ def main(argv=None):
     args = parse_args(argv)
     import es_llm_vllm as rung5
     import llm_engines
-    import llm_support as support
+    import llm_tasks
     import llm_tasks as tasks
     t0 = time.perf_counter()
     if args.run_dir:
@@ -137,7 +137,7 @@ def main(argv=None):
         run_dir = Path(rung5.main(es_argv))
         train_seconds = time.perf_counter() - t0
     run_args = json.loads((run_dir / "args.json").read_text())
-    rows = support.read_metrics(run_dir / "metrics.csv")
+    rows = llm_tasks.read_metrics(run_dir / "metrics.csv")
     evals = [r for r in rows if r["eval_reward"] != ""]
     if len(evals) < 2:
         raise SystemExit(f"{run_dir}: needs held-out evaluations at the start and the end")
@@ -153,7 +153,7 @@ def main(argv=None):
     base_dir = llm_engines.resolve_model(run_args.get("model", ""), run_args.get("cache_dir") or llm_engines.default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     test = tasks.conciseness_task().test
-    test_ids = [support.prompt_ids(tokenizer, p["messages"]) for p in test]
+    test_ids = [llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in test]
     t_kl = time.perf_counter()
     kl = kl_estimate(base_dir, run_dir / "checkpoint", tokenizer, test_ids, args.kl_samples,
                      run_args.get("max_new_tokens", args.max_new_tokens), args.kl_seed)

@@ -28,7 +28,7 @@ What is equal for every method:
   prompts of the same kind), never on the 8 held-out test prompts: the bench hands the rung a task
   whose held-out list is the validation list, and the counter records which prompts were scored.
   The best mean validation reward picks the setting; it then runs on fresh seeds 0 .. --seeds - 1;
-- the evaluation: greedy, <= --max-new-tokens, llm_support.evaluate with transformers generate
+- the evaluation: greedy, <= --max-new-tokens, llm_tasks.evaluate with transformers generate
   (ES inside the rung with --engine hf, GRPO in a trainer callback), at 0 and every smallest-budget
   multiple of training answers; KL(tuned || base) with studies/conciseness_repro.py's k3 estimator
   (--kl-samples answers sampled at temperature 1 per prompt, both models float32) on the prompts
@@ -290,7 +290,7 @@ def worker_grpo(spec):
 
     import es_llm_vllm as rung5
     import llm_engines
-    import llm_support as support
+    import llm_tasks
     import llm_tasks as tasks
 
     es_args = rung5.parse_args(rung_argv(spec))  # the same task flags, parsed by a rung
@@ -305,19 +305,19 @@ def worker_grpo(spec):
     tokenizer = llm_engines.load_model_files(model_dir)[0]
     model, device = llm_engines.load_hf_model(model_dir, "float32", "cpu")  # a model object: TRL cannot load the folder
     evaluator = llm_engines.HFGenerator(model, tokenizer, spec["max_new_tokens"], 64, device)  # greedy, as ES
-    chat = support.make_chat(types.SimpleNamespace(generate=evaluator), tokenizer)
-    log = support.MetricsLog(run_dir, 0, task.extra_metrics)
+    chat = llm_tasks.make_chat(types.SimpleNamespace(generate=evaluator), tokenizer)
+    log = llm_tasks.MetricsLog(run_dir, 0, task.extra_metrics)
     answers_per_step = spec["prompts"] * spec["completions"]
 
     def evaluate(step):
         was_training = model.training
         model.eval()
-        ev = support.evaluate(task, chat, task.test, run_dir, step, 0)  # greedy, samples.jsonl, as ES
+        ev = llm_tasks.evaluate(task, chat, task.test, run_dir, step, 0)  # greedy, samples.jsonl, as ES
         model.train(was_training)
         return ev
 
     # The prompt as text: the chat template plus the task's assistant prefix, exactly what
-    # llm_support.prompt_ids tokenizes for ES; `row` says which training problem it is.
+    # llm_tasks.prompt_ids tokenizes for ES; `row` says which training problem it is.
     texts = [tokenizer.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True) + p["prefix"]
              for p in task.train]
     data = Dataset.from_dict({"prompt": texts, "row": list(range(len(task.train)))})
@@ -357,19 +357,18 @@ def worker_grpo(spec):
     log.close()
     model.config.use_cache = True  # TRL turned it off for gradient checkpointing; generation without it is ~10x slower
     model.save_pretrained(run_dir / "checkpoint")  # float32, loadable by conciseness_repro.kl_estimate
-    support.plot_curves(run_dir, log.rows, f"{spec['task']}, GRPO lr {spec['lr']:g} beta {spec['beta']:g}")
+    llm_tasks.plot_curves(run_dir, log.rows, f"{spec['task']}, GRPO lr {spec['lr']:g} beta {spec['beta']:g}")
     return {"run_dir": str(run_dir), "checkpoint": str(run_dir / "checkpoint"), **counter.summary()}
 
 
 def worker_kl(spec):
     """k3 KL(tuned || base) on the prompts the run was scored on, with conciseness_repro's estimator."""
     import conciseness_repro as repro
-    import llm_support as support
     import llm_tasks
     from transformers import AutoTokenizer
     task = counted_task(llm_tasks.make_task, [], spec["eval_on"])(llm_tasks.TaskArgs(task=spec["task"]))
     tokenizer = AutoTokenizer.from_pretrained(spec["base_dir"])
-    ids = [support.prompt_ids(tokenizer, *task.conversation(p)) for p in task.test]
+    ids = [llm_tasks.prompt_ids(tokenizer, *task.conversation(p)) for p in task.test]
     return repro.kl_estimate(spec["base_dir"], spec["checkpoint"], tokenizer, ids, spec["kl_samples"],
                              spec["max_new_tokens"], spec["kl_seed"])
 
@@ -407,8 +406,8 @@ def run_worker(spec):
 
 def read_run(run_dir):
     """Evaluation rows of metrics.csv, the answers of samples.jsonl, the training reward per update."""
-    import llm_support as support
-    rows = support.read_metrics(Path(run_dir) / "metrics.csv")
+    import llm_tasks
+    rows = llm_tasks.read_metrics(Path(run_dir) / "metrics.csv")
     evals = [r for r in rows if r["eval_reward"] != ""]
     samples = [json.loads(line) for line in (Path(run_dir) / "samples.jsonl").read_text().splitlines() if line.strip()]
     train = [r["train_reward_mean"] for r in rows if r["train_reward_mean"] != ""]

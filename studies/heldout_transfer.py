@@ -67,7 +67,7 @@ def main(argv=None):
     args = parse_args(argv)
     import es_llm_vllm as rung5
     import llm_engines
-    import llm_support as support
+    import llm_tasks
     import llm_tasks as tasks
     rung_args = rung5.parse_args(["--engine", args.engine, "--dtype", args.dtype, "--model", args.model,
                                   "--max-new-tokens", str(args.max_new_tokens), "--sigma", str(args.sigma)])
@@ -78,9 +78,9 @@ def main(argv=None):
     except llm_engines.ModelNotFound as err:
         raise SystemExit(str(err))
     tokenizer = llm_engines.load_model_files(model_dir)[0]
-    max_len = task.max_context(lambda conv: len(support.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
+    max_len = task.max_context(lambda conv: len(llm_tasks.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = rung5.make_engine(rung_args, model_dir, tokenizer, None, max_len)
-    chat = support.make_chat(engine, tokenizer)
+    chat = llm_tasks.make_chat(engine, tokenizer)
     run_dir = Path(args.out_dir) / f"bench_heldout_transfer__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

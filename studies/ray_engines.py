@@ -1,20 +1,20 @@
 """Several engines with Ray (es_llm_ray.py): wall time per ES generation with 1 vs N engines, and the
 bytes that cross between the driver and the engines per generation.
 
-Both setups are es_llm_ray.py's own engines (llm_ray.Engines of es_llm_ray.EngineActor) on a local
+Both setups are es_llm_ray.py's own engines (llm_engines.Engines of es_llm_ray.EngineActor) on a local
 Ray with `--cpus` cores: 1 engine with all `--cpus` threads (rung 5's work in one process), then
 `--engines` engines with cpus/engines threads each. Both run es_llm_ray.es_generation for
 `--generations` generations from the same seed; the first generation of each is reported apart
 (warm-up), the rest as the median.
-Bytes: the pickled arguments and results of every call to the engines (llm_ray.Engines.traffic); Ray
+Bytes: the pickled arguments and results of every call to the engines (llm_engines.Engines.traffic); Ray
 adds a few hundred bytes of its own per call. The weights never travel.
 
 Run:   python studies/ray_engines.py                       (a tiny random model, built here, ~2 minutes)
        python studies/ray_engines.py --model PATH --max-new-tokens 64    (a real model folder)
 See:   seconds per generation for 1 and N engines, their ratio, bytes per generation (about 1 kB),
        and whether both reached the same final weights.
-Measured (2-core Xeon, SmolLM2-135M, float32, 64 tokens; RESULTS.md): 40.8 -> 21.3 s per generation
-with 2 engines (1.92x); same final weights.
+Measured (2-core Xeon, SmolLM2-135M, float32, 64 tokens; RESULTS.md): 45.4 -> 22.7 s per generation
+with 2 engines (2.00x), 1,136 bytes per generation; same final weights.
 """
 
 import argparse
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # tiny_model
 
 import es_llm_ray  # noqa: E402
-import llm_ray  # noqa: E402
-import llm_support as support  # noqa: E402
+import llm_engines  # noqa: E402
+import llm_tasks  # noqa: E402
 from llm_tasks import make_task  # noqa: E402
 
 
@@ -41,13 +41,13 @@ def run(model, flags, engines, generations):
     args = es_llm_ray.parse_args(flags + ["--engines", str(engines)])
     task = make_task(args)
     t0 = time.perf_counter()
-    pool = llm_ray.Engines(functools.partial(es_llm_ray.EngineActor, args, model), engines, "cpu")
+    pool = llm_engines.Engines(functools.partial(es_llm_ray.EngineActor, args, model), engines, "cpu")
     pool.check([c for _, _, c in pool.each("loading the model", "info")], "after loading the model")
     start = time.perf_counter() - t0
     seconds, traffic = [], []
     for g in range(1, generations + 1):
         before, t0 = pool.traffic, time.perf_counter()
-        es_llm_ray.es_generation(pool, task.train, args, g, support.Stopwatch())
+        es_llm_ray.es_generation(pool, task.train, args, g, llm_tasks.Stopwatch())
         seconds.append(time.perf_counter() - t0)
         traffic.append(pool.traffic - before)
     final = pool.checksums[-1][0]
@@ -83,7 +83,7 @@ def main(argv=None):
     if not model:
         from tiny_model import build_tiny_model
         model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", seed=0, counter=True))
-    llm_ray.start_ray(num_cpus=a.cpus)
+    llm_engines.start_ray(num_cpus=a.cpus)
     result = {"model": a.model or "tiny random Llama (bench/tiny_model.py, hidden 128)",
               "population_size": a.population_size, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
               "cpus": a.cpus, "engines": a.engines,

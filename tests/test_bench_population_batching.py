@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import es_llm_lora as rung6  # noqa: E402
 import llm_engines  # noqa: E402
-import llm_support as support  # noqa: E402
+import llm_tasks  # noqa: E402
 import llm_tasks as tasks  # noqa: E402
 import population_batching as bench  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
@@ -44,8 +44,8 @@ def test_the_benchmarked_adapter_step_is_rung_6s_training_step(tmp_path):
     state = {"shapes": shapes, "sigmas": rung6.layer_sigmas({k: 1.0 for k in shapes}, method.args.sigma, False),
              "adapter": rung6.init_adapter(shapes, 1, method.args.init_b, 0)}
     engine = rung6.make_engine(method.args, str(tiny), tokenizer)
-    _, expected_tokens, _ = rung6.es_generation(engine, support.make_chat(engine, tokenizer), task, task.train, state,
-                                             method.args, 1, support.Stopwatch())
+    _, expected_tokens, _ = rung6.es_generation(engine, llm_tasks.make_chat(engine, tokenizer), task, task.train, state,
+                                             method.args, 1, llm_tasks.Stopwatch())
     assert tokens == expected_tokens
     for name, ab in state["adapter"].items():
         assert torch.equal(method.state["adapter"][name]["B"], ab["B"]), name  # generation 1 moves B

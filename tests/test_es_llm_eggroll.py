@@ -15,7 +15,7 @@ import torch
 
 import es_llm_eggroll as es
 import llm_engines
-import llm_support as support
+import llm_tasks
 import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
 
@@ -48,7 +48,7 @@ def make_engine(model_dir, *flags):
 
 def prompt_ids(tokenizer):
     task = tasks.conciseness_task()
-    return [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in task.train + task.test[:4]]
+    return [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in task.train + task.test[:4]]
 
 
 def oracle_noise(seed, index, shape):
@@ -245,7 +245,7 @@ def test_short_conciseness_run_improves_held_out_reward_and_the_checkpoint_repla
     trained = [s["response"] for s in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())
                if s["generation"] == 6]
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)
-    ids = [support.prompt_ids(tokenizer, p["messages"]) for p in test]
+    ids = [llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in test]
     ckpt = run_dir / "checkpoint"
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     replay = llm_engines.HFGenerator(model, tokenizer, 24, 64, "cpu")(ids)

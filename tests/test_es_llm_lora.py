@@ -14,7 +14,7 @@ import torch
 
 import es_llm_lora as es
 import llm_engines
-import llm_support as support
+import llm_tasks
 import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
 
@@ -47,7 +47,7 @@ def make_engine(model_dir, *flags):
 
 def prompt_ids(tokenizer):
     task = tasks.conciseness_task()
-    return [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in task.train + task.test[:4]]
+    return [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in task.train + task.test[:4]]
 
 
 def oracle_noise(seed, index, shape):
@@ -180,8 +180,8 @@ def test_generations_alternate_b_then_a_and_touch_only_the_active_factor(counter
              "sigmas": es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)}
     for generation, active in [(1, "B"), (2, "A"), (3, "B")]:
         before = {k: {f: t.clone() for f, t in ab.items()} for k, ab in state["adapter"].items()}
-        chat = support.make_chat(engine, tokenizer)
-        fitness, _, _ = es.es_generation(engine, chat, task, task.train, state, args, generation, support.Stopwatch())
+        chat = llm_tasks.make_chat(engine, tokenizer)
+        fitness, _, _ = es.es_generation(engine, chat, task, task.train, state, args, generation, llm_tasks.Stopwatch())
         assert len(set(fitness)) > 1  # the members differ, so the update is not zero
         moved = {f for k, ab in state["adapter"].items() for f in "AB" if not torch.equal(ab[f], before[k][f])}
         assert moved == {active}, generation
@@ -272,7 +272,7 @@ def test_short_conciseness_run_improves_held_out_reward_and_the_adapter_replays_
     trained = [s["response"] for s in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())
                if s["generation"] == 6]
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)
-    ids = [support.prompt_ids(tokenizer, p["messages"]) for p in test]
+    ids = [llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in test]
     ckpt = run_dir / "checkpoint"
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1.0
@@ -300,7 +300,7 @@ def test_peft_loads_the_saved_adapter_and_generates_what_training_generated(coun
     lora_B = model.base_model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight
     assert lora_B.abs().max() > 0 and model.base_model.model.model.layers[0].self_attn.v_proj.scaling["default"] == 1.5
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)
-    ids = [support.prompt_ids(tokenizer, p["messages"]) for p in tasks.conciseness_task().test]
+    ids = [llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in tasks.conciseness_task().test]
     out = llm_engines.HFGenerator(model, tokenizer, 24, 64, "cpu")(ids)
     assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in out] == trained
 
@@ -373,7 +373,7 @@ def test_vllm_serves_the_population_and_the_saved_adapter_with_the_hf_engine_tok
         # the checkpoint format, written as training writes it (alpha != r), loads in vLLM
         state = {"adapter": adapter}
         args.lora_alpha = 3.0
-        support.save_adapter_checkpoint(tmp_path, 2, {k: (ab["A"], ab["B"]) for k, ab in adapter.items()}, 2, 3.0,
+        llm_engines.save_adapter_checkpoint(tmp_path, 2, {k: (ab["A"], ab["B"]) for k, ab in adapter.items()}, 2, 3.0,
                                         es.PROJECTIONS.split(","), None, chaotic_dir)
         saved = LoRARequest("saved", 10_000, str(tmp_path / "checkpoint"))
         hf.serve(es.center(state, args))

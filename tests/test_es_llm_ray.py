@@ -15,7 +15,6 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray==
 import es_llm_ray as es  # noqa: E402
 import es_llm_vllm as rung5  # noqa: E402
 import llm_engines  # noqa: E402
-import llm_ray  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 
 GENERATIONS = 3
@@ -25,7 +24,7 @@ GENERATIONS = 3
 def local_ray():
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # rung 5 in this process: as each engine actor (2 CPUs / 2 engines)
-    llm_ray.start_ray(num_cpus=2)
+    llm_engines.start_ray(num_cpus=2)
     yield
     ray.shutdown()
     torch.set_num_threads(old)
@@ -137,7 +136,7 @@ def test_a_corrupted_engine_is_detected_at_the_next_update(counter_dir, tmp_path
             ray.get(engines.actors[1].call.remote("update", [[7, 1.0]], 1e-3))
         return real(engines, problems, args, generation, clock)
     monkeypatch.setattr(es, "es_generation", corrupt_engine_1_before_generation_2)
-    with pytest.raises(llm_ray.EnginesDiverged, match=r"weights differ after the update of generation 2: "
+    with pytest.raises(llm_engines.EnginesDiverged, match=r"weights differ after the update of generation 2: "
                                                       r"engine 0 of 2 .*; engine 1 of 2"):
         run_main(counter_dir, tmp_path, "--generations", "3", "--save-every", "0", "--engines", "2")
     pool = spy.pools[0]
@@ -155,7 +154,7 @@ def test_a_lost_engine_stops_the_run_with_its_name_and_the_checkpoint_stays_vali
             ray.kill(engines.actors[1])
         return real(engines, problems, args, generation, clock)
     monkeypatch.setattr(es, "es_generation", kill_engine_1_in_generation_3)
-    with pytest.raises(llm_ray.EngineLost, match=r"engine 1 of 2 \(Ray actor pid \d+ on .*\) was lost during the "
+    with pytest.raises(llm_engines.EngineLost, match=r"engine 1 of 2 \(Ray actor pid \d+ on .*\) was lost during the "
                                                  r"evaluation of its members.*--resume"):
         run_main(counter_dir, tmp_path, "--generations", "4", "--save-every", "1", "--engines", "2")
     spy.pools[0].close()  # the surviving actor would keep its CPU in this shared Ray
@@ -176,7 +175,7 @@ def test_engines_flag_bounds(counter_dir, tmp_path, capsys):
 
 
 def test_members_are_split_in_contiguous_shares_that_keep_mirrored_pairs_together():
-    pool = llm_ray.Engines.__new__(llm_ray.Engines)
+    pool = llm_engines.Engines.__new__(llm_engines.Engines)
     pool.actors = [None, None]
     members = es.member_seeds(0, 1, 6, mirrored=True)
     assert pool.shares(members, 2) == [members[:2], members[2:]]

@@ -15,7 +15,7 @@ import torch
 
 import es_llm_vllm as es
 import llm_engines
-import llm_support as support
+import llm_tasks
 import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
 
@@ -50,7 +50,7 @@ def make_engine(model_dir, *flags):
 def prompts(tokenizer):
     task = tasks.conciseness_task()
     problems = task.train + task.test
-    return problems, [support.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
+    return problems, [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
 
 
 # ---------------------------------------------------------------- weights: exactness and noise
@@ -192,7 +192,7 @@ def test_one_es_generation_equals_the_formula_computed_by_hand(chaotic_dir, shap
     gen = torch.Generator().manual_seed(5)
     probe = [torch.randn(m.shape, generator=gen, dtype=torch.float64) for m in engine.master]
     task = LinearInTheWeights(engine, probe)
-    fitness, _, _ = es.es_generation(engine, None, task, [{}], args, generation, support.Stopwatch())
+    fitness, _, _ = es.es_generation(engine, None, task, [{}], args, generation, llm_tasks.Stopwatch())
 
     members = oracle_members(seed, generation, n, mirrored)
     eps = {s: [oracle_noise(s, t, m.shape) for t, m in enumerate(theta)] for s, _ in members}
@@ -312,12 +312,12 @@ def test_conciseness_scaled_reward_in_the_eval_metrics():
     assert tasks.conciseness_scaled(0) == 2000 / 2001 and tasks.conciseness_scaled(-2000) == 0.0
     results = [{"reward": -10.0, "correct": False, "response": "x" * 12, "truncated": False},
                {"reward": -30.0, "correct": True, "response": "y" * 35, "truncated": True}]
-    ev = support.summarize_eval(results, tasks.conciseness_task())
+    ev = llm_tasks.summarize_eval(results, tasks.conciseness_task())
     assert ev["eval_reward"] == -20.0 and ev["eval_reward_scaled"] == (2000 - 20) / 2001
     assert ev["eval_accuracy"] == 0.5 and ev["eval_truncated"] == 0.5
     countdown = tasks.countdown_task(es.parse_args(["--num-train", "1", "--num-test", "1"]))
-    assert support.summarize_eval(results, countdown)["eval_reward_scaled"] == ""  # countdown has no scaled reward
-    assert set(ev) <= set(support.METRICS)
+    assert llm_tasks.summarize_eval(results, countdown)["eval_reward_scaled"] == ""  # countdown has no scaled reward
+    assert set(ev) <= set(llm_tasks.METRICS)
 
 
 # ---------------------------------------------------------------- models, flags, messages
@@ -389,7 +389,7 @@ def test_checkpoint_round_trip_loads_in_transformers_with_same_greedy_outputs(ch
     engine.update(es.seed_coefficients(members, es.zscore([1.0, 0.0, 0.5, 2.0])), 0.02)
     _, ids = prompts(tokenizer)
     expected = engine.generate(ids)
-    support.save_checkpoint(engine, tmp_path, 5, (tokenizer, AutoConfig.from_pretrained(chaotic_dir),
+    llm_engines.save_checkpoint(engine, tmp_path, 5, (tokenizer, AutoConfig.from_pretrained(chaotic_dir),
                                                   GenerationConfig.from_pretrained(chaotic_dir)), "bfloat16")
     ckpt = tmp_path / "checkpoint"
     assert {"config.json", "model.safetensors", "tokenizer.json", "es_state.json"} <= {p.name for p in ckpt.iterdir()}
@@ -506,14 +506,14 @@ def test_ctrl_c_saves_checkpoint_and_plot(counter_dir, tmp_path, monkeypatch):
 
 def test_checkpoint_flag_keeps_latest_final_or_none(counter_dir, tmp_path, monkeypatch):
     written = []
-    real = support.save_checkpoint
+    real = llm_engines.save_checkpoint
 
     def spy(engine, run_dir, generation, files, dtype, keep="latest", final=True):
         state = Path(run_dir) / "checkpoint" / "es_state.json"
         before = state.stat().st_mtime_ns if state.exists() else None
         real(engine, run_dir, generation, files, dtype, keep, final)
         written.append((keep, generation, (state.stat().st_mtime_ns if state.exists() else None) != before))
-    monkeypatch.setattr(support, "save_checkpoint", spy)
+    monkeypatch.setattr(llm_engines, "save_checkpoint", spy)
     for keep in ("latest", "final", "none"):
         run_dir = run_main(counter_dir, tmp_path / keep, "--generations", "3", "--save-every", "1", "--eval-every", "3",
                            "--checkpoint", keep)
@@ -610,7 +610,7 @@ def test_an_exploding_generation_is_reported_counted_and_stops_only_when_asked(c
     out = capsys.readouterr().out
     assert out.count("is degenerate") == 1 and "--sigma may be too large" in out  # said once
     assert "2 of 2 generations were degenerate" in out
-    rows = support.read_metrics(run_dir / "metrics.csv")
+    rows = llm_tasks.read_metrics(run_dir / "metrics.csv")
     assert [r["degenerate"] for r in rows[1:]] == [1, 1] and all(r["nonfinite"] > 0 for r in rows[1:])
     assert [r["eval_reward"] for r in rows] == [rows[0]["eval_reward"]] * 3  # no update: held-out unchanged
     with pytest.raises(SystemExit) as stop:
@@ -618,14 +618,14 @@ def test_an_exploding_generation_is_reported_counted_and_stops_only_when_asked(c
                  "--stop-on-degenerate")
     assert stop.value.code == 3
     stopped = next((tmp_path / "stop").iterdir())
-    assert [r["generation"] for r in support.read_metrics(stopped / "metrics.csv")] == [0, 1]
+    assert [r["generation"] for r in llm_tasks.read_metrics(stopped / "metrics.csv")] == [0, 1]
     assert (stopped / "checkpoint").is_dir()
 
 
 def test_a_normal_generation_is_not_degenerate():
-    assert support.degenerate([-3.0, -2.0, -2.5, -4.0], 0) == ""
-    assert "all 4 members scored -1.5" in support.degenerate([-1.5] * 4, 0)
-    assert "inf/NaN" in support.degenerate([-3.0, -2.0, -2.5, -4.0], 1)
+    assert llm_tasks.degenerate([-3.0, -2.0, -2.5, -4.0], 0) == ""
+    assert "all 4 members scored -1.5" in llm_tasks.degenerate([-1.5] * 4, 0)
+    assert "inf/NaN" in llm_tasks.degenerate([-3.0, -2.0, -2.5, -4.0], 1)
 
 
 @needs_vllm
@@ -727,10 +727,10 @@ def test_vllm_end_to_end_run_and_its_checkpoint(counter_dir, tmp_path, capsys):
     args = es.parse_args(["--engine", "vllm", "--model", str(ckpt), "--max-new-tokens", "24", "--dtype", "bfloat16"])
     engine = es.make_engine(args, str(ckpt), tokenizer, None, 256)
     try:
-        assert engine.checksum() == support.checksum(es.hf_slots(loaded))
+        assert engine.checksum() == llm_engines.checksum(es.hf_slots(loaded))
         test = tasks.conciseness_task().test
         answers = [tokenizer.decode(t, skip_special_tokens=True)
-                   for t, _ in engine.generate([support.prompt_ids(tokenizer, p["messages"]) for p in test])]
+                   for t, _ in engine.generate([llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in test])]
     finally:
         engine.close()
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]

@@ -22,7 +22,6 @@ import torch
 
 import es_llm_vllm as es
 import llm_engines
-import llm_support as support
 import llm_tasks as tasks
 from llm_fixtures import build_tiny_model, build_tokenizer
 
@@ -175,7 +174,7 @@ def test_plain_tiny_model_plays_six_invalid_turns_per_game_on_hf(tiny_dir, token
                                            for why, t in zip(reasons, said))
         assert s["reward"] == all_invalid
     # all equal fitness: zero update, the weights the run saved are the model's
-    assert recorder.engines[0].checksum() == support.checksum(es.hf_slots(llm_engines.load_hf_model(
+    assert recorder.engines[0].checksum() == llm_engines.checksum(es.hf_slots(llm_engines.load_hf_model(
         str(tiny_dir), "float32", "cpu")[0]))
 
 

@@ -173,7 +173,7 @@ _RUNS = {}  # a configuration several exercises compare against runs once (runs 
 
 def llm_run(rung, model_dir, flags, tmp_path, seed=0):
     """metrics.csv rows, the held-out rewards, and what the run printed."""
-    from llm_support import read_metrics
+    from llm_tasks import read_metrics
     module, mode = rung
     key = (module.__name__, tuple(mode), tuple(flags), seed, str(model_dir))
     if key not in _RUNS:

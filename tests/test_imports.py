@@ -56,8 +56,9 @@ def test_top_level_modules_import_downwards_only():
 
 def test_the_check_catches_a_cycle_a_support_module_importing_a_rung_and_a_rung_importing_a_rung():
     edges = graph()
-    assert "llm_support" in edges and "es_llm_vllm" in edges
-    bad = {**edges, "llm_engines": edges["llm_engines"] | {"llm_support"}}  # llm_support imports llm_engines
+    assert "llm_tasks" in edges and "llm_engines" in edges and "es_llm_vllm" in edges
+    bad = {**edges, "llm_engines": edges["llm_engines"] | {"llm_tasks"},
+           "llm_tasks": edges["llm_tasks"] | {"llm_engines"}}
     assert any(p.startswith("import cycle") for p in problems(bad))
     bad = {**edges, "llm_tasks": edges["llm_tasks"] | {"es_llm_vllm"}}
     assert "support module llm_tasks imports rung es_llm_vllm" in problems(bad)
@@ -70,3 +71,14 @@ def test_bench_and_studies_do_not_import_the_tests_helpers():
     assert scripts
     bad = {p.relative_to(ROOT).as_posix(): sorted(imported(p) & TESTS) for p in scripts}
     assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_an_llm_rung_reaches_two_other_files_the_task_module_and_the_engine_plumbing():
+    """Following one generation of an LLM rung opens at most two other files of this repository:
+    llm_tasks.py (reward, chat, the run's record) and llm_engines.py (flags, engines, checkpoints)."""
+    edges = graph()
+    llm_rungs = sorted(m for m in edges if m.startswith("es_llm_"))
+    assert llm_rungs == ["es_llm_eggroll", "es_llm_lora", "es_llm_ray", "es_llm_vllm"]
+    for rung in llm_rungs:
+        assert edges[rung] == {"llm_tasks", "llm_engines"}, rung
+    assert edges["llm_tasks"] == set() and edges["llm_engines"] == set()
