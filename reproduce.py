@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import csv
 import io
-import os
 import shlex
 import subprocess
 import sys

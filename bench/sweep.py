@@ -35,7 +35,6 @@ See:   two PNGs, runs.csv and summary.json in runs/bench_sweep__<seed>__<time>/ 
 import csv
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field

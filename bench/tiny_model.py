@@ -5,7 +5,6 @@ answer length in tokens) with a small chat template. head_dim is 64 because vLLM
 attention rejects smaller heads.
 """
 
-import json
 import string
 from pathlib import Path
 

@@ -122,7 +122,6 @@ def main(argv=None):
     import es_llm_vllm as rung5
     import llm_engines
     import llm_tasks
-    import llm_tasks as tasks
     t0 = time.perf_counter()
     if args.run_dir:
         run_dir, train_seconds = Path(args.run_dir), None
@@ -152,7 +151,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
     base_dir = llm_engines.resolve_model(run_args.get("model", ""), run_args.get("cache_dir") or llm_engines.default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    test = tasks.conciseness_task().test
+    test = llm_tasks.conciseness_task().test
     test_ids = [llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in test]
     t_kl = time.perf_counter()
     kl = kl_estimate(base_dir, run_dir / "checkpoint", tokenizer, test_ids, args.kl_samples,

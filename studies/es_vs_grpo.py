@@ -292,11 +292,10 @@ def worker_grpo(spec):
     import es_llm_vllm as rung5
     import llm_engines
     import llm_tasks
-    import llm_tasks as tasks
 
     es_args = rung5.parse_args(rung_argv(spec))  # the same task flags, parsed by a rung
     counters = []
-    task = counted_task(tasks.make_task, counters, spec["eval_on"])(es_args)
+    task = counted_task(llm_tasks.make_task, counters, spec["eval_on"])(es_args)
     counter = counters[0]
     model_dir = llm_engines.resolve_model(spec["model"], llm_engines.default_cache_dir(), "float32")
     run_dir = Path(spec["out_dir"]) / (f"grpo__{spec['seed']}__lr{spec['lr']:g}_beta{spec['beta']:g}__"

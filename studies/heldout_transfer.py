@@ -68,10 +68,9 @@ def main(argv=None):
     import es_llm_vllm as rung5
     import llm_engines
     import llm_tasks
-    import llm_tasks as tasks
     rung_args = rung5.parse_args(["--engine", args.engine, "--dtype", args.dtype, "--model", args.model,
                                   "--max-new-tokens", str(args.max_new_tokens), "--sigma", str(args.sigma)])
-    task = tasks.conciseness_task()
+    task = llm_tasks.conciseness_task()
     problems, n_train = task.train + task.test, len(task.train)
     try:
         model_dir = llm_engines.resolve_model(args.model, llm_engines.default_cache_dir(), rung_args.dtype)

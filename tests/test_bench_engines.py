@@ -10,7 +10,6 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import engines as bench  # noqa: E402
 import es_llm_vllm as es  # noqa: E402
 import llm_tasks  # noqa: E402
-import llm_tasks as tasks  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 
 
@@ -20,7 +19,7 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     build_tiny_model(folder, layers=1)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    problems = tasks.countdown_task(argparse.Namespace(data_seed=0, num_train=4, num_test=1)).train
+    problems = llm_tasks.countdown_task(argparse.Namespace(data_seed=0, num_train=4, num_test=1)).train
     ids = [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
     return folder, tokenizer, problems, ids
 
@@ -49,7 +48,7 @@ def test_timed_es_generation_is_the_training_loops_generation(tiny):
     e = bench.timed_es_generation(es, timed, tokenizer, problems, args)
     assert timed.checksum() != before  # the update moved the weights
 
-    task = tasks.Task("countdown", problems, [], bench.tie_broken_reward)
+    task = llm_tasks.Task("countdown", problems, [], bench.tie_broken_reward)
     loop_args = es.parse_args(["--population-size", "4", "--lr", "1e-3", "--sigma", "1e-2", "--seed", "3"])
     fitness, tokens, _ = es.es_generation(direct, llm_tasks.make_chat(direct, tokenizer), task, problems, loop_args, 1,
                                        llm_tasks.Stopwatch())

@@ -13,7 +13,6 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import es_llm_lora as rung6  # noqa: E402
 import llm_engines  # noqa: E402
 import llm_tasks  # noqa: E402
-import llm_tasks as tasks  # noqa: E402
 import population_batching as bench  # noqa: E402
 from llm_fixtures import build_tiny_model  # noqa: E402
 
@@ -35,7 +34,7 @@ def test_the_benchmarked_adapter_step_is_rung_6s_training_step(tmp_path):
     args = bench.parse_args(["--engine", "hf", "--dtype", "float32", "--max-new-tokens", "24", "--population-size", "4",
                               "--train"])
     tokenizer = llm_engines.load_model_files(str(tiny))[0]
-    task = tasks.conciseness_task()
+    task = llm_tasks.conciseness_task()
     method = bench.Method("adapter", args, str(tiny), tokenizer, task, 256)
     tokens, answered = method.step(1)
     assert answered == 4 * len(task.train) and tokens > 0
@@ -73,7 +72,7 @@ def test_a_whole_run_reports_the_ratios_of_its_medians(tiny, tmp_path):
 def test_without_train_the_update_runs_but_leaves_the_weights_at_the_base(tiny):
     args = bench.parse_args(["--engine", "hf", "--dtype", "float32", "--max-new-tokens", "6", "--population-size", "4"])
     tokenizer = llm_engines.load_model_files(str(tiny))[0]
-    method = bench.Method("eggroll", args, str(tiny), tokenizer, tasks.conciseness_task(), 256)
+    method = bench.Method("eggroll", args, str(tiny), tokenizer, llm_tasks.conciseness_task(), 256)
     before = [m.clone() for m in method.engine.weights.master]
     method.step(1)
     assert method.args.lr == 0.0 and all(torch.equal(a, b) for a, b in zip(before, method.engine.weights.master))

@@ -16,7 +16,6 @@ import torch
 import es_llm_eggroll as es
 import llm_engines
 import llm_tasks
-import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
 
 
@@ -47,7 +46,7 @@ def make_engine(model_dir, *flags):
 
 
 def prompt_ids(tokenizer):
-    task = tasks.conciseness_task()
+    task = llm_tasks.conciseness_task()
     return [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in task.train + task.test[:4]]
 
 
@@ -241,7 +240,7 @@ def test_short_conciseness_run_improves_held_out_reward_and_the_checkpoint_repla
     assert evals[0][1] < -7 and evals[-1][1] > evals[0][1] + 4, evals
     for name in ("args.json", "metrics.csv", "curve.png", "samples.jsonl", "sigmas.json"):
         assert (run_dir / name).is_file(), name
-    test = tasks.conciseness_task().test
+    test = llm_tasks.conciseness_task().test
     trained = [s["response"] for s in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())
                if s["generation"] == 6]
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)

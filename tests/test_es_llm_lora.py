@@ -15,7 +15,6 @@ import torch
 import es_llm_lora as es
 import llm_engines
 import llm_tasks
-import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
 
 
@@ -46,7 +45,7 @@ def make_engine(model_dir, *flags):
 
 
 def prompt_ids(tokenizer):
-    task = tasks.conciseness_task()
+    task = llm_tasks.conciseness_task()
     return [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in task.train + task.test[:4]]
 
 
@@ -174,7 +173,7 @@ def test_adapter_population_and_update_equal_the_formula_by_hand(factor, mirrore
 
 def test_generations_alternate_b_then_a_and_touch_only_the_active_factor(counter_dir):
     engine, tokenizer, args = make_engine(counter_dir, "--population-size", "4", "--sigma", "0.1", "--lr", "0.05")
-    task = tasks.conciseness_task()
+    task = llm_tasks.conciseness_task()
     shapes = {name: tuple(w.shape) for name, w in engine.slots}
     state = {"shapes": shapes, "adapter": es.init_adapter(shapes, 1, 1e-4, 0),
              "sigmas": es.layer_sigmas({k: 1.0 for k in shapes}, args.sigma, False)}
@@ -268,7 +267,7 @@ def test_short_conciseness_run_improves_held_out_reward_and_the_adapter_replays_
     assert evals[0][1] < -7 and evals[-1][1] > evals[0][1] + 4, evals
     for name in ("args.json", "metrics.csv", "curve.png", "samples.jsonl", "sigmas.json"):
         assert (run_dir / name).is_file(), name
-    test = tasks.conciseness_task().test
+    test = llm_tasks.conciseness_task().test
     trained = [s["response"] for s in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())
                if s["generation"] == 6]
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)
@@ -300,7 +299,7 @@ def test_peft_loads_the_saved_adapter_and_generates_what_training_generated(coun
     lora_B = model.base_model.model.model.layers[0].self_attn.v_proj.lora_B["default"].weight
     assert lora_B.abs().max() > 0 and model.base_model.model.model.layers[0].self_attn.v_proj.scaling["default"] == 1.5
     tokenizer = AutoTokenizer.from_pretrained(counter_dir)
-    ids = [llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in tasks.conciseness_task().test]
+    ids = [llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in llm_tasks.conciseness_task().test]
     out = llm_engines.HFGenerator(model, tokenizer, 24, 64, "cpu")(ids)
     assert [tokenizer.decode(t, skip_special_tokens=True) for t, _ in out] == trained
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import es_llm_lora as es
-import llm_tasks as tasks
+import llm_tasks
 from test_es_llm_vllm_wordle import PENALTY, TINY, read_rows, read_samples, tiny_dir, tokenizer  # noqa: F401
 
 
@@ -43,7 +43,7 @@ class ScriptedPopulation:
 
 def test_scripted_games_of_the_whole_population_in_one_call_per_turn(tiny_dir, tokenizer, tmp_path,  # noqa: F811
                                                                       monkeypatch):
-    task = tasks.make_task(es.parse_args(TINY))
+    task = llm_tasks.make_task(es.parse_args(TINY))
     (train0, train1), (test0, test1) = [p["secret"] for p in task.train], [p["secret"] for p in task.test]
     order = [train0, train1, test0, test1, "about", "house"]
     misses = [None] + [w for w in sorted(task.words) if w not in order][:5]
@@ -52,7 +52,7 @@ def test_scripted_games_of_the_whole_population_in_one_call_per_turn(tiny_dir, t
     run_dir = es.main([*TINY, "--engine", "hf", "--model", str(tiny_dir), "--out-dir", str(tmp_path),
                        "--generations", "2", "--eval-every", "1", "--checkpoint", "final", "--seed", "5",
                        "--target-modules", "q_proj", "--rank", "2", "--no-layer-sigma"])  # the scripted engine has no weights
-    fb, letters = tasks.wordle_feedback, tasks.wordle_letters
+    fb, letters = llm_tasks.wordle_feedback, llm_tasks.wordle_letters
     # +eps solves its two games on turns 1 and 2; -eps: one invalid turn, then five valid misses
     plus = ((1 + 5 / 6) + (1 + 4 / 6)) / 2
     minus = sum(0.5 * sum(letters(fb(w, s)) for w in misses[1:]) / 30 - PENALTY for s in (train0, train1)) / 2

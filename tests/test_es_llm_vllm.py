@@ -16,7 +16,6 @@ import torch
 import es_llm_vllm as es
 import llm_engines
 import llm_tasks
-import llm_tasks as tasks
 from llm_fixtures import build_tiny_model
 
 
@@ -48,7 +47,7 @@ def make_engine(model_dir, *flags):
 
 
 def prompts(tokenizer):
-    task = tasks.conciseness_task()
+    task = llm_tasks.conciseness_task()
     problems = task.train + task.test
     return problems, [llm_tasks.prompt_ids(tokenizer, p["messages"], p["prefix"]) for p in problems]
 
@@ -217,21 +216,21 @@ def test_one_es_generation_equals_the_formula_computed_by_hand(chaotic_dir, shap
 # ---------------------------------------------------------------- countdown
 
 def test_countdown_generator_is_deterministic_and_solvable():
-    a, b = tasks.countdown_problems(0, 300), tasks.countdown_problems(0, 300)
+    a, b = llm_tasks.countdown_problems(0, 300), llm_tasks.countdown_problems(0, 300)
     assert a == b
-    assert a != tasks.countdown_problems(1, 300)
+    assert a != llm_tasks.countdown_problems(1, 300)
     keys = {(tuple(sorted(p["numbers"])), p["target"]) for p in a}
     assert len(keys) == 300  # train and test never share a problem
     for p in a:
         assert 3 <= len(p["numbers"]) <= 4 and all(1 <= n <= 99 for n in p["numbers"])
-        assert tasks.check_countdown_answer(p["solution"], p["numbers"], p["target"]), p
+        assert llm_tasks.check_countdown_answer(p["solution"], p["numbers"], p["target"]), p
     # a varied set, not a few easy cases: both sizes, many targets, some beyond any single number
     assert {len(p["numbers"]) for p in a} == {3, 4}
     assert len({p["target"] for p in a}) > 150
     assert sum(p["target"] > 99 for p in a) > 30 and sum(p["target"] not in p["numbers"] for p in a) > 250
 
     args = es.parse_args(["--task", "countdown", "--num-train", "20", "--num-test", "50"])
-    task = tasks.countdown_task(args)
+    task = llm_tasks.countdown_task(args)
     train, test = task.train, task.test
     assert len(train) == 20 and len(test) == 50
     assert "Using the numbers" in train[0]["messages"][-1]["content"]
@@ -266,18 +265,18 @@ CHECKER_CASES = [
 
 @pytest.mark.parametrize("expression,ok", CHECKER_CASES)
 def test_countdown_checker_cases(expression, ok):
-    assert tasks.check_countdown_answer(expression, [25, 3, 2, 1], 45) is ok
+    assert llm_tasks.check_countdown_answer(expression, [25, 3, 2, 1], 45) is ok
 
 
 def test_countdown_checker_division_by_zero_exact_fractions_and_bounds():
-    assert tasks.check_countdown_answer("4 / (2 - 2) + 5", [4, 2, 2, 5], 1) is False
-    assert tasks.check_countdown_answer("(1 / 3) * 3 * 7", [1, 3, 3, 7], 7) is True  # exact, no float error
-    assert tasks.check_countdown_answer("7 / 2", [7, 2], 3) is False
+    assert llm_tasks.check_countdown_answer("4 / (2 - 2) + 5", [4, 2, 2, 5], 1) is False
+    assert llm_tasks.check_countdown_answer("(1 / 3) * 3 * 7", [1, 3, 3, 7], 7) is True  # exact, no float error
+    assert llm_tasks.check_countdown_answer("7 / 2", [7, 2], 3) is False
     deep = "(" * 50 + "1 + 2" + ")" * 50
-    assert tasks.check_countdown_answer(deep, [1, 2], 3) is False
+    assert llm_tasks.check_countdown_answer(deep, [1, 2], 3) is False
     shallow = "(" * 3 + "1 + 2" + ")" * 3
-    assert tasks.check_countdown_answer(shallow, [1, 2], 3) is True
-    assert tasks.check_countdown_answer("1" * 50 + " + 2", [int("1" * 50), 2], 0) is False  # huge number
+    assert llm_tasks.check_countdown_answer(shallow, [1, 2], 3) is True
+    assert llm_tasks.check_countdown_answer("1" * 50 + " + 2", [int("1" * 50), 2], 0) is False  # huge number
 
 
 def test_countdown_checker_is_fast_on_hostile_input():
@@ -287,7 +286,7 @@ def test_countdown_checker_is_fast_on_hostile_input():
         times = []
         for _ in range(20):
             t0 = time.perf_counter()
-            tasks.check_countdown_answer(expression, [25, 3, 2, 1], 45)
+            llm_tasks.check_countdown_answer(expression, [25, 3, 2, 1], 45)
             times.append(time.perf_counter() - t0)
         assert statistics.median(times) < 1e-3, (expression[:20], statistics.median(times))
 
@@ -295,27 +294,27 @@ def test_countdown_checker_is_fast_on_hostile_input():
 def test_countdown_reward():
     p = {"numbers": [25, 3, 2, 1], "target": 45}
     full = " thinking </think>\n<answer> (25 - 3) * 2 + 1 </answer>"
-    assert tasks.countdown_reward(p, full) == (pytest.approx(1.1), True)
-    assert tasks.countdown_reward(p, " x </think>\n<answer> 25 + 3 </answer>") == (pytest.approx(0.1), False)
-    assert tasks.countdown_reward(p, "no tags at all") == (0.0, False)
-    assert tasks.countdown_reward(p, "a <answer> 1 </answer>") == (pytest.approx(0.05), False)  # answer block only
-    assert tasks.countdown_reward(p, "</think> then <answer>(25 - 3) * 2 + 1</answer> trailing")[1] is True
+    assert llm_tasks.countdown_reward(p, full) == (pytest.approx(1.1), True)
+    assert llm_tasks.countdown_reward(p, " x </think>\n<answer> 25 + 3 </answer>") == (pytest.approx(0.1), False)
+    assert llm_tasks.countdown_reward(p, "no tags at all") == (0.0, False)
+    assert llm_tasks.countdown_reward(p, "a <answer> 1 </answer>") == (pytest.approx(0.05), False)  # answer block only
+    assert llm_tasks.countdown_reward(p, "</think> then <answer>(25 - 3) * 2 + 1</answer> trailing")[1] is True
 
 
 def test_conciseness_reward():
     p = {"target": "Paris"}
-    assert tasks.conciseness_reward(p, "Paris") == (0, True)
-    assert tasks.conciseness_reward(p, " The capital is Paris. ") == (-16, False)
+    assert llm_tasks.conciseness_reward(p, "Paris") == (0, True)
+    assert llm_tasks.conciseness_reward(p, " The capital is Paris. ") == (-16, False)
 
 
 def test_conciseness_scaled_reward_in_the_eval_metrics():
-    assert tasks.conciseness_scaled(0) == 2000 / 2001 and tasks.conciseness_scaled(-2000) == 0.0
+    assert llm_tasks.conciseness_scaled(0) == 2000 / 2001 and llm_tasks.conciseness_scaled(-2000) == 0.0
     results = [{"reward": -10.0, "correct": False, "response": "x" * 12, "truncated": False},
                {"reward": -30.0, "correct": True, "response": "y" * 35, "truncated": True}]
-    ev = llm_tasks.summarize_eval(results, tasks.conciseness_task())
+    ev = llm_tasks.summarize_eval(results, llm_tasks.conciseness_task())
     assert ev["eval_reward"] == -20.0 and ev["eval_reward_scaled"] == (2000 - 20) / 2001
     assert ev["eval_accuracy"] == 0.5 and ev["eval_truncated"] == 0.5
-    countdown = tasks.countdown_task(es.parse_args(["--num-train", "1", "--num-test", "1"]))
+    countdown = llm_tasks.countdown_task(es.parse_args(["--num-train", "1", "--num-test", "1"]))
     assert llm_tasks.summarize_eval(results, countdown)["eval_reward_scaled"] == ""  # countdown has no scaled reward
     assert set(ev) <= set(llm_tasks.METRICS)
 
@@ -486,7 +485,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(counter_dir, tm
 
 def test_ctrl_c_saves_checkpoint_and_plot(counter_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = tasks.Task.rollout
+    real = llm_tasks.Task.rollout
 
     def interrupt_later(*a, **k):
         calls["n"] += 1
@@ -494,7 +493,7 @@ def test_ctrl_c_saves_checkpoint_and_plot(counter_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(tasks.Task, "rollout", interrupt_later)
+    monkeypatch.setattr(llm_tasks.Task, "rollout", interrupt_later)
     with pytest.raises(SystemExit) as err:
         run_main(counter_dir, tmp_path, "--generations", "5")
     assert err.value.code == 130
@@ -728,7 +727,7 @@ def test_vllm_end_to_end_run_and_its_checkpoint(counter_dir, tmp_path, capsys):
     engine = es.make_engine(args, str(ckpt), tokenizer, None, 256)
     try:
         assert engine.checksum() == llm_engines.checksum(es.hf_slots(loaded))
-        test = tasks.conciseness_task().test
+        test = llm_tasks.conciseness_task().test
         answers = [tokenizer.decode(t, skip_special_tokens=True)
                    for t, _ in engine.generate([llm_tasks.prompt_ids(tokenizer, p["messages"]) for p in test])]
     finally:

