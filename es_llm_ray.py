@@ -50,6 +50,8 @@ SCRIPT = "es_llm_ray"
 class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine flags (llm_engines)
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
+    train_prompts: int = field(default=8, metadata={"help": "Conciseness: training prompts, the paper's 2 first, "
+                                                             "then ours (llm_tasks); 2 = the paper's.", "min": 1, "max": 8})
     sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0).",
                                                 "gt": 0})
     lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
@@ -64,7 +66,7 @@ class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine fla
     batch_size: int = field(default=0, metadata={"help": "Training prompts per generation (0 = all), "
                                                          "the same prompts for every member.", "min": 0})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
-    layer_sigma: bool = field(default=False, metadata={
+    layer_sigma: bool = field(default=True, metadata={
         "help": "Per-tensor noise: sigma_t = sigma * mean|W_t| / mean|W| (the base model's, saved as sigmas.json), "
                 "update theta_t += lr/(N sigma_t) sum_i s_i eps_i,t; --no-layer-sigma: sigma_t = sigma."})
     engines: int = field(default=2, metadata={"help": "Engines evaluating the population together: N engine "

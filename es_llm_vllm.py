@@ -12,15 +12,18 @@ transformers `generate` (`--engine hf`, the reference).
 We maximise fitness (the task's reward, averaged over the training prompts). Per generation:
 
     eps_i ~ N(0, I)  (one independent stream per (member seed, tensor))
-    f_i   = mean reward of greedy answers with weights theta + sigma * eps_i
+    f_i   = mean reward of greedy answers with every tensor t at theta_t + sigma_t * eps_it
     s_i   = zscore(f)                (or centered ranks; all-equal f gives s = 0)
-    theta <- theta + lr * 1/(N*sigma) * sum_i s_i * eps_i
+    theta_t <- theta_t + lr * 1/(N*sigma_t) * sum_i s_i * eps_it
 
 With mirrored pairs (default) member 2k uses +eps_k and member 2k+1 uses -eps_k, so the sum
 becomes sum_k (s_2k - s_2k+1) * eps_k: noise common to both halves cancels.
+--layer-sigma (default): sigma_t = sigma * mean|W_t| / mean|W| from the base model (sigmas.json);
+--no-layer-sigma: one sigma for all tensors, as Qiu et al.
+--train-prompts 8 (default): the paper's 2 training prompts and 6 of ours, which make the gain reliable.
 Conversion: Qiu et al. write theta <- theta + alpha * 1/N * sum_i s_i * eps_i (1/sigma folded
 into alpha), so lr = alpha * sigma here. Their Countdown setting alpha = 5e-4, sigma = 1e-3
-is --lr 5e-7 --sigma 1e-3.
+is --lr 5e-7 --sigma 1e-3 --no-layer-sigma.
 
 Exact restore in bfloat16. Adding sigma*eps to a bf16 weight and subtracting it again does not
 give the weight back (we measured 7.8% of SmolLM2's bf16 weights changed after 10 cycles). So the
@@ -59,7 +62,7 @@ RESULTS.md, Rung 5: it rises on most seeds, not all. float32 (the CPU default) r
 --dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
     python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \\
-        --task countdown --population-size 30 --no-mirrored --sigma 1e-3 --lr 5e-7 \\
+        --task countdown --population-size 30 --no-mirrored --sigma 1e-3 --lr 5e-7 --no-layer-sigma \\
         --max-new-tokens 1024 --generations 500 --eval-every 50 --save-every 25
 """
 
@@ -84,6 +87,8 @@ SCRIPT = "es_llm_vllm"
 class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine flags (llm_engines)
     population_size: int = field(default=8, metadata={"help": "Members per generation N (even with --mirrored).",
                                                       "min": 2})
+    train_prompts: int = field(default=8, metadata={"help": "Conciseness: training prompts, the paper's 2 first, "
+                                                             "then ours (llm_tasks); 2 = the paper's.", "min": 1, "max": 8})
     sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0).",
                                                 "gt": 0})
     lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
@@ -98,7 +103,7 @@ class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine fla
     batch_size: int = field(default=0, metadata={"help": "Training prompts per generation (0 = all), "
                                                          "the same prompts for every member.", "min": 0})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts per evaluation (0 = all).", "min": 0})
-    layer_sigma: bool = field(default=False, metadata={
+    layer_sigma: bool = field(default=True, metadata={
         "help": "Per-tensor noise: sigma_t = sigma * mean|W_t| / mean|W| (the base model's, saved as sigmas.json), "
                 "update theta_t += lr/(N sigma_t) sum_i s_i eps_i,t; --no-layer-sigma: sigma_t = sigma."})
 

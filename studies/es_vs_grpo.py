@@ -265,6 +265,8 @@ def rung_argv(spec):
     # every method trains on the paper's 2 prompts (rung 6's own default is 8)
     if spec["method"] != "grpo":  # GRPO's worker parses these flags for the task only
         argv += ["--sigma", repr(spec["sigma"]), "--lr", repr(spec["lr"])]
+    if spec["method"] == "es":  # rung 5 with one global sigma, as Qiu et al. (its default is per tensor)
+        argv += ["--no-layer-sigma"]
     return argv + (["--merge"] if spec["method"] == "es_lora" else [])
 
 

@@ -38,7 +38,7 @@ def counter_dir(tmp_path_factory):
 def flags(model_dir, out_dir, *more):
     return ["--engine", "hf", "--model", str(model_dir), "--out-dir", str(out_dir), "--max-new-tokens", "16",
             "--dtype", "bfloat16", "--population-size", "4", "--sigma", "0.01", "--lr", "1e-3", "--show", "0",
-            "--eval-every", str(GENERATIONS), *more]
+            "--eval-every", str(GENERATIONS), "--train-prompts", "2", "--no-layer-sigma", *more]
 
 
 def run_main(model_dir, out_dir, *more):

@@ -8,6 +8,7 @@ import pytest
 
 import es_llm_eggroll
 import es_llm_lora
+import es_llm_ray
 import es_llm_vllm
 import llm_tasks
 
@@ -25,7 +26,7 @@ def test_without_args_the_task_is_the_papers():
     assert len(llm_tasks.conciseness_task().train) == 2 == len(llm_tasks.CONCISENESS_TRAIN)
 
 
-@pytest.mark.parametrize("rung", [es_llm_vllm, es_llm_lora, es_llm_eggroll])
+@pytest.mark.parametrize("rung", [es_llm_vllm, es_llm_ray, es_llm_lora, es_llm_eggroll])
 @pytest.mark.parametrize("value", ["0", "9"])
 def test_every_rung_refuses_train_prompts_out_of_range(rung, value, capsys):
     with pytest.raises(SystemExit):
@@ -33,11 +34,20 @@ def test_every_rung_refuses_train_prompts_out_of_range(rung, value, capsys):
     assert "--train-prompts must be" in capsys.readouterr().err
 
 
-def test_rung6_trains_on_eight_prompts_and_an_older_run_resumes_on_the_papers_two(tmp_path):
-    assert es_llm_lora.parse_args([]).train_prompts == 8
-    assert es_llm_vllm.parse_args([]).train_prompts == es_llm_eggroll.parse_args([]).train_prompts == 2
-    saved = vars(es_llm_lora.parse_args([]))
+@pytest.mark.parametrize("rung", [es_llm_vllm, es_llm_ray, es_llm_lora])
+def test_rungs_5_and_6_train_on_eight_prompts_and_an_older_run_resumes_on_the_papers_two(rung, tmp_path):
+    assert rung.parse_args([]).train_prompts == 8
+    assert es_llm_eggroll.parse_args([]).train_prompts == 2  # rung 7 keeps the paper's 2 (RESULTS.md, bench/seeds)
+    saved = vars(rung.parse_args([]))
     del saved["train_prompts"]  # a run folder written before --train-prompts existed
     (tmp_path / "args.json").write_text(json.dumps(saved))
-    assert es_llm_lora.parse_args(["--resume", str(tmp_path)]).train_prompts == 2
-    assert es_llm_lora.parse_args(["--resume", str(tmp_path), "--train-prompts", "8"]).train_prompts == 8
+    assert rung.parse_args(["--resume", str(tmp_path)]).train_prompts == 2
+    assert rung.parse_args(["--resume", str(tmp_path), "--train-prompts", "8"]).train_prompts == 8
+
+
+@pytest.mark.parametrize("rung", [es_llm_vllm, es_llm_ray])
+def test_rung5_defaults_to_per_tensor_sigma_and_an_older_run_keeps_one_sigma(rung, tmp_path):
+    assert rung.parse_args([]).layer_sigma and not rung.parse_args(["--no-layer-sigma"]).layer_sigma
+    saved = vars(rung.parse_args(["--no-layer-sigma"]))  # a run folder written when one sigma was the default
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    assert not rung.parse_args(["--resume", str(tmp_path)]).layer_sigma
