@@ -18,8 +18,7 @@ We maximise fitness (the task's reward, averaged over the training prompts). Per
 
 With mirrored pairs (default) member 2k uses +eps_k and member 2k+1 uses -eps_k, so the sum
 becomes sum_k (s_2k - s_2k+1) * eps_k: noise common to both halves cancels.
---layer-sigma (default): sigma_t = sigma * mean|W_t| / mean|W| from the base model (sigmas.json);
---no-layer-sigma: one sigma for all tensors, as Qiu et al.
+--layer-sigma (default): sigma_t = sigma * mean|W_t| / mean|W| (sigmas.json); --no-layer-sigma: one sigma.
 --train-prompts 8 (default): the paper's 2 training prompts and 6 of ours, which make the gain reliable.
 Conversion: Qiu et al. write theta <- theta + alpha * 1/N * sum_i s_i * eps_i (1/sigma folded
 into alpha), so lr = alpha * sigma here. Their Countdown setting alpha = 5e-4, sigma = 1e-3
@@ -58,8 +57,8 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
 What you should see: the held-out conciseness reward (minus the character-length error of the
 answers to the paper's 8 test prompts) rising as answers get shorter (samples.jsonl: some get
 shorter and wrong, ES optimises the reward it is given). Over seeds and dtypes, with the minutes:
-RESULTS.md, Rung 5: it rises on most seeds, not all. float32 (the CPU default) repeats bit for bit;
---dtype bfloat16 is faster on CPUs with AVX-512-BF16 but its runs do not repeat.
+RESULTS.md, Rung 5: it rose in every float32 run on unseen seeds (bfloat16: 6 of 7). float32, the CPU
+default, repeats bit for bit; --dtype bfloat16 is faster on CPUs with AVX-512-BF16 but does not repeat.
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
     python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \\
         --task countdown --population-size 30 --no-mirrored --sigma 1e-3 --lr 5e-7 --no-layer-sigma \\

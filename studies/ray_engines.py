@@ -89,7 +89,8 @@ def main(argv=None):
               "cpus": a.cpus, "engines": a.engines,
               "torch_threads": {"one engine": a.cpus, "each pool engine": max(1, a.cpus // a.engines)}}
     flags = ["--engine", "hf", "--model", model, "--dtype", a.dtype, "--max-new-tokens", str(a.max_new_tokens),
-             "--population-size", str(a.population_size), "--sigma", "0.01", "--lr", "1e-3"]
+             "--population-size", str(a.population_size), "--sigma", "0.01", "--lr", "1e-3",
+             "--train-prompts", "2"]  # the paper's 2 prompts, as measured (RESULTS.md)
     result["rung5"] = r = compare(model, flags, a)  # es_llm_ray.py is rung 5 on N engines
     print(f"es_llm_ray: {r['median_1']:.2f} s per generation with 1 engine, {r[f'median_{a.engines}']:.2f} s "
           f"with {a.engines} ({r['speedup_1_over_N']:.2f}x), {max(r['bytes_per_generation'])} bytes per generation "
