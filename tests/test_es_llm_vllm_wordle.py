@@ -341,7 +341,8 @@ def test_scripted_valid_games_through_es_generation_and_main_evaluation(tiny_dir
     sigma, lr = 0.01, 0.002
     run_dir = es.main([*TINY, "--engine", "hf", "--model", str(tiny_dir), "--out-dir", str(tmp_path),
                        "--generations", "2", "--eval-every", "1", "--sigma", str(sigma), "--lr", str(lr),
-                       "--checkpoint", "none", "--seed", "5"])
+                       "--checkpoint", "none", "--seed", "5",
+                       "--no-layer-sigma"])  # the scripted engine has no weights to take a per-tensor sigma from
     fb = llm_tasks.wordle_feedback
     letters = llm_tasks.wordle_letters
 
