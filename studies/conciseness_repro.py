@@ -132,7 +132,8 @@ def main(argv=None):
                    "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed),
                    "--out-dir", args.out_dir, "--save-every", "0", "--show", "0",
                    "--mirrored" if args.mirrored else "--no-mirrored",
-                   "--train-prompts", "2", "--no-layer-sigma"] + (["--model", args.model] if args.model else [])  # the paper's
+                   "--train-prompts", "2", "--no-layer-sigma",  # the paper's 2 prompts and one sigma
+                   ] + (["--model", args.model] if args.model else [])
         print("python es_llm_vllm.py " + " ".join(es_argv))
         run_dir = Path(rung5.main(es_argv))
         train_seconds = time.perf_counter() - t0
