@@ -378,15 +378,9 @@ def main(argv=None):
     infos = engines.each("loading the model", "info")  # [(engine name, evolved parameters, checksum)]
     engines.check([c for _, _, c in infos], "after loading the model")
     engine_name, num_params = f"{infos[0][0]} x{args.engines}", infos[0][1]
-    sigmas_file = run_dir / "sigmas.json"  # sigma_t per tensor, from the base model's weights, once per run
-    if args.resume and args.layer_sigma and not sigmas_file.exists():
-        raise SystemExit(f"--resume {run_dir}: the run folder has no sigmas.json (it ran without --layer-sigma); "
-                         "continue it with --no-layer-sigma")
-    if not (args.resume and sigmas_file.exists()):  # the base model's (or an old run's without per-tensor sigma)
-        stats = engines.first("weight_stats", "weight_stats")
-        sigmas_file.write_text(json.dumps(dict(zip([n for n, _, _ in stats], tensor_sigmas(
-            [(m, k) for _, m, k in stats], args.sigma, args.layer_sigma))), indent=1))
-    sigmas = json.loads(sigmas_file.read_text())
+    stats = engines.first("weight_stats", "weight_stats")  # [(name, mean |W_t|, size)] of the base model
+    sigmas = llm_engines.run_sigmas(run_dir, args, [n for n, _, _ in stats],  # sigma_t, once per run (sigmas.json)
+                                    tensor_sigmas([(m, k) for _, m, k in stats], args.sigma, args.layer_sigma))
     ratios = [sigmas[name] / args.sigma for name in sorted(sigmas)]  # tensors in noise order (sorted names)
     engines.each("scale_noise", "scale_noise", ratios)
     chat = llm_tasks.make_chat(engines, tokenizer)  # held-out answers: the prompts split across the engines

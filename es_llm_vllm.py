@@ -381,15 +381,9 @@ def main(argv=None):
     tokenizer = model_files[0]
     max_model_len = task.max_context(lambda conv: len(llm_tasks.prompt_ids(tokenizer, *conv)), args.max_new_tokens)
     engine = make_engine(args, model_dir, tokenizer, master_path, max_model_len)
-    sigmas_file = run_dir / "sigmas.json"  # sigma_t per tensor, from the base model's weights, once per run
-    if args.resume and args.layer_sigma and not sigmas_file.exists():
-        raise SystemExit(f"--resume {run_dir}: the run folder has no sigmas.json (it ran without --layer-sigma); "
-                         "continue it with --no-layer-sigma")
-    if not (args.resume and sigmas_file.exists()):  # the base model's (or an old run's without per-tensor sigma)
-        stats = engine.weight_stats()
-        sigmas_file.write_text(json.dumps(dict(zip([n for n, _, _ in stats], tensor_sigmas(
-            [(m, k) for _, m, k in stats], args.sigma, args.layer_sigma))), indent=1))
-    sigmas = json.loads(sigmas_file.read_text())
+    stats = engine.weight_stats()  # [(name, mean |W_t|, size)] of the base model
+    sigmas = llm_engines.run_sigmas(run_dir, args, [n for n, _, _ in stats],  # sigma_t, once per run (sigmas.json)
+                                    tensor_sigmas([(m, k) for _, m, k in stats], args.sigma, args.layer_sigma))
     ratios = [sigmas[name] / args.sigma for name in sorted(sigmas)]  # tensors in noise order (sorted names)
     engine.scale_noise(ratios)
     chat = llm_tasks.make_chat(engine, tokenizer)

@@ -1072,6 +1072,20 @@ def adapter_resume_point(run_dir):
     return saved["generation"], saved["base_model"], {k: (A.float(), B.float()) for k, (A, B) in factors.items()}
 
 
+def run_sigmas(run_dir, args, names, sigmas):
+    """{tensor name: sigma_t} of a run: written once, as run_dir/sigmas.json, from the base model's
+    weights (names, sigmas), and read back on --resume. A run saved with one sigma has no file: it
+    continues with one sigma (--no-layer-sigma), or stops with a message that says so."""
+    path = Path(run_dir) / "sigmas.json"
+    if args.resume and path.exists():
+        return json.loads(path.read_text())
+    if args.resume and args.layer_sigma:
+        raise SystemExit(f"--resume {run_dir}: the run folder has no sigmas.json (it ran without --layer-sigma); "
+                         "continue it with --no-layer-sigma")
+    path.write_text(json.dumps(dict(zip(names, sigmas)), indent=1))
+    return json.loads(path.read_text())
+
+
 def resume_point(run_dir):
     """(generation, model folder, master path) of a run folder's checkpoint, or SystemExit."""
     ckpt = Path(run_dir) / "checkpoint"

@@ -453,6 +453,19 @@ def test_layer_sigma_run_saves_its_sigmas_and_resumes_with_them(counter_dir, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigmas_are_written_once_and_a_run_saved_with_one_sigma_resumes_with_one_sigma(tmp_path):
+    from types import SimpleNamespace
+    start = SimpleNamespace(resume="", layer_sigma=True)
+    assert llm_engines.run_sigmas(tmp_path, start, ["a", "b"], [0.1, 0.3]) == {"a": 0.1, "b": 0.3}
+    resumed = SimpleNamespace(resume=str(tmp_path), layer_sigma=True)
+    assert llm_engines.run_sigmas(tmp_path, resumed, ["a", "b"], [9.0, 9.0]) == {"a": 0.1, "b": 0.3}  # the saved ones
+    (tmp_path / "sigmas.json").unlink()  # a folder saved with one sigma has none
+    with pytest.raises(SystemExit, match="continue it with --no-layer-sigma"):
+        llm_engines.run_sigmas(tmp_path, resumed, ["a", "b"], [0.1, 0.3])
+    one = SimpleNamespace(resume=str(tmp_path), layer_sigma=False)
+    assert llm_engines.run_sigmas(tmp_path, one, ["a", "b"], [0.2, 0.2]) == {"a": 0.2, "b": 0.2}
+
+
 TIMES = {"seconds_generate", "seconds_weights", "seconds_eval", "seconds_total", "tokens_per_s"}
 
 
