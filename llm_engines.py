@@ -1082,8 +1082,9 @@ def run_sigmas(run_dir, args, names, sigmas):
     if args.resume and args.layer_sigma:
         raise SystemExit(f"--resume {run_dir}: the run folder has no sigmas.json (it ran without --layer-sigma); "
                          "continue it with --no-layer-sigma")
-    path.write_text(json.dumps(dict(zip(names, sigmas)), indent=1))
-    return json.loads(path.read_text())
+    sigmas = dict(zip(names, sigmas))
+    path.write_text(json.dumps(sigmas, indent=1))  # json keeps a float exactly: --resume reads back these values
+    return sigmas
 
 
 def resume_point(run_dir):
