@@ -54,8 +54,8 @@ class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine fla
                                                              "then ours (llm_tasks); 2 = the paper's.", "min": 1, "max": 8})
     sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0).",
                                                 "gt": 0})
-    lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
-                                                      "Qiu et al.'s alpha equals lr/sigma.", "min": 0})
+    lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i; Qiu et al.'s alpha = "
+                                                      "lr/sigma. bfloat16's defaults: --lr 2.4e-5 --shaping centered_rank.", "min": 0})
     generations: int = field(default=8, metadata={"help": "ES generations (total, also when resuming).", "min": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the member seeds: generation g uses rng([seed, g])."})
     eval_every: int = field(default=4, metadata={"help": "Held-out evaluation every K generations "
@@ -78,7 +78,8 @@ class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine fla
 
 def parse_args(argv=None):
     # "ranks" was the old spelling of centered_rank (run folders saved before the rename)
-    args, parser = llm_engines.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
+    bf16 = {"bfloat16": {"shaping": "centered_rank", "lr": 2.4e-5}}  # bfloat16's own defaults (RESULTS.md, Rung 5)
+    args, parser = llm_engines.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}}, bf16)
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
     return args

@@ -20,9 +20,8 @@ With mirrored pairs (default) member 2k uses +eps_k and member 2k+1 uses -eps_k,
 becomes sum_k (s_2k - s_2k+1) * eps_k: noise common to both halves cancels.
 --layer-sigma (default): sigma_t = sigma * mean|W_t| / mean|W| (sigmas.json); --no-layer-sigma: one sigma.
 --train-prompts 8 (default): the paper's 2 training prompts and 6 of ours, which make the gain reliable.
-Conversion: Qiu et al. write theta <- theta + alpha * 1/N * sum_i s_i * eps_i (1/sigma folded
-into alpha), so lr = alpha * sigma here. Their Countdown setting alpha = 5e-4, sigma = 1e-3
-is --lr 5e-7 --sigma 1e-3 --no-layer-sigma.
+Conversion: Qiu et al.'s theta += alpha/N sum_i s_i eps_i folds 1/sigma into alpha, so lr = alpha * sigma:
+their Countdown alpha = 5e-4, sigma = 1e-3 is --lr 5e-7 --sigma 1e-3 --no-layer-sigma --shaping zscore.
 
 Exact restore in bfloat16. Adding sigma*eps to a bf16 weight and subtracting it again does not
 give the weight back (we measured 7.8% of SmolLM2's bf16 weights changed after 10 cycles). So the
@@ -57,12 +56,13 @@ Run (2-core CPU, offline SmolLM2-135M-Instruct, conciseness task, all defaults):
 What you should see: the held-out conciseness reward (minus the character-length error of the
 answers to the paper's 8 test prompts) rising as answers get shorter (samples.jsonl: some get
 shorter and wrong, ES optimises the reward it is given). Over seeds and dtypes, with the minutes:
-RESULTS.md, Rung 5: it rose in every float32 run on unseen seeds (bfloat16: 6 of 7). float32, the CPU
-default, repeats bit for bit; --dtype bfloat16 is faster on CPUs with AVX-512-BF16 but does not repeat.
+RESULTS.md, Rung 5: it rose in every run on unseen seeds, float32 and bfloat16. float32, the CPU default,
+repeats bit for bit; --dtype bfloat16 is faster on CPUs with AVX-512-BF16 but does not repeat, and its noisier
+answers get their own defaults: centered ranks (an outlier counts as one rank) at lr 2.4e-5 (ranks' std is 1/3).
 The paper's Countdown setting on a GPU (not run here; the paper reports accuracy 0.1% -> 14.4%):
     python es_llm_vllm.py --engine vllm --vllm-compile --model Qwen/Qwen2.5-0.5B-Instruct \\
         --task countdown --population-size 30 --no-mirrored --sigma 1e-3 --lr 5e-7 --no-layer-sigma \\
-        --max-new-tokens 1024 --generations 500 --eval-every 50 --save-every 25
+        --shaping zscore --max-new-tokens 1024 --generations 500 --eval-every 50 --save-every 25
 """
 
 import dataclasses
@@ -90,8 +90,8 @@ class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine fla
                                                              "then ours (llm_tasks); 2 = the paper's.", "min": 1, "max": 8})
     sigma: float = field(default=2e-3, metadata={"help": "Noise scale: member i runs theta + sigma*eps_i (> 0).",
                                                 "gt": 0})
-    lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i. "
-                                                      "Qiu et al.'s alpha equals lr/sigma.", "min": 0})
+    lr: float = field(default=8e-6, metadata={"help": "theta += lr/(N sigma) sum_i s_i eps_i; Qiu et al.'s alpha = "
+                                                      "lr/sigma. bfloat16's defaults: --lr 2.4e-5 --shaping centered_rank.", "min": 0})
     generations: int = field(default=8, metadata={"help": "ES generations (total, also when resuming).", "min": 1})
     seed: int = field(default=0, metadata={"help": "Seed of the member seeds: generation g uses rng([seed, g])."})
     eval_every: int = field(default=4, metadata={"help": "Held-out evaluation every K generations "
@@ -109,7 +109,8 @@ class Args(TaskArgs, llm_engines.EngineArgs):  # + the task flags and engine fla
 
 def parse_args(argv=None):
     # "ranks" was the old spelling of centered_rank (run folders saved before the rename)
-    args, parser = llm_engines.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}})
+    bf16 = {"bfloat16": {"shaping": "centered_rank", "lr": 2.4e-5}}  # bfloat16's own defaults (RESULTS.md, Rung 5)
+    args, parser = llm_engines.parse_args(Args, __doc__.split("\n")[0], argv, {"shaping": {"ranks": "centered_rank"}}, bf16)
     if args.mirrored and args.population_size % 2:
         parser.error("--population-size must be even with --mirrored (pairs +eps/-eps)")
     return args

@@ -925,27 +925,29 @@ def build_parser(args_class, description):
     return parser
 
 
-def parse_args(args_class, description, argv=None, aliases=None):
+def parse_args(args_class, description, argv=None, aliases=None, dtype_defaults=None):
     """Parse, continue a run's own settings on --resume, then check every field's bounds
     (metadata "min" / "gt" / "max"; floats must be finite) with one clear message each.
 
-    aliases: {field: {old value: new value}} for values renamed since a run was saved."""
+    aliases: {field: {old value: new value}} for values renamed since a run was saved.
+    dtype_defaults: {dtype: {field: value}}, the defaults of one --dtype (after auto) for the flags not
+    typed on the command line; a resumed run keeps its own (args.json holds the values it ran with)."""
     parser = build_parser(args_class, description)
     if not hasattr(args_class, "engines") and any(a.split("=")[0] in ("--engines", "--ray-address")
                                                   for a in (sys.argv[1:] if argv is None else argv)):
         parser.error("--engines / --ray-address: several engines are their own rung now: "
                      "python es_llm_ray.py --engines N (rung 5 on N Ray engines)")
     ns = parser.parse_args(argv)
+    explicit = build_parser(args_class, description)
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS  # parse again, keeping only the flags actually given
+    given = vars(explicit.parse_args(argv))
     if getattr(ns, "resume", ""):
         # Continue with the run's own settings; only flags typed on this command line win.
         saved_file = Path(ns.resume) / "args.json"
         if not saved_file.is_file():
             parser.error(f"--resume {ns.resume}: no args.json there (not a run folder)")
         saved = json.loads(saved_file.read_text())
-        explicit = build_parser(args_class, description)
-        for action in explicit._actions:
-            action.default = argparse.SUPPRESS  # parse again, keeping only the flags actually given
-        given = vars(explicit.parse_args(argv))
         # a flag added after the run was saved takes the value every run had before it existed
         merged = {f.name: saved.get(f.name, BEFORE_FLAG.get(f.name, f.default)) for f in dataclasses.fields(args_class)}
         merged.update(given)
@@ -967,6 +969,10 @@ def parse_args(args_class, description, argv=None, aliases=None):
             parser.error(f"{flag} must be one of {', '.join(meta['choices'])}")
     if getattr(args, "dtype", None) == "auto":
         args.dtype = auto_dtype(args.device)
+    if not getattr(args, "resume", ""):
+        for name, value in (dtype_defaults or {}).get(getattr(args, "dtype", None), {}).items():
+            if name not in given:
+                setattr(args, name, value)
     return args, parser
 
 

@@ -133,6 +133,7 @@ def main(argv=None):
                    "--out-dir", args.out_dir, "--save-every", "0", "--show", "0",
                    "--mirrored" if args.mirrored else "--no-mirrored",
                    "--train-prompts", "2", "--no-layer-sigma",  # the paper's 2 prompts and one sigma
+                   "--shaping", "zscore",  # the paper's (rung 5's bfloat16 default is centered ranks)
                    ] + (["--model", args.model] if args.model else [])
         print("python es_llm_vllm.py " + " ".join(es_argv))
         run_dir = Path(rung5.main(es_argv))
