@@ -173,11 +173,15 @@ def test_all_equal_rewards_change_nothing():
     assert all(torch.equal(a, b) for a, b in zip(master, before))
 
 
-@pytest.mark.parametrize("argv,expected", [([], (True, 2e-3, 4e-6)), (["--no-layer-sigma"], (False, 2e-3, 4e-6)),
-                                           (["--sigma", "0.1"], (True, 0.1, 4e-6))])
+@pytest.mark.parametrize("argv,expected", [([], (True, 2e-3, 2.4e-5)), (["--no-layer-sigma"], (False, 2e-3, 2.4e-5)),
+                                           (["--sigma", "0.1"], (True, 0.1, 2.4e-5))])
 def test_defaults_are_this_rungs_own_and_layer_sigma_is_on_by_default(argv, expected):
     args = es.parse_args(argv)
     assert (args.layer_sigma, args.sigma, args.lr) == expected
+    # RESULTS.md, Rung 7: 8 training prompts and centered ranks at 3x rung 5's lr kept the promise on seeds 3-9
+    assert (args.train_prompts, args.shaping) == (8, "centered_rank")
+    for dtype in ("float32", "bfloat16"):  # one set of defaults for both dtypes (rung 5 has two)
+        assert (es.parse_args(["--dtype", dtype]).shaping, es.parse_args(["--dtype", dtype]).lr) == ("centered_rank", 2.4e-5)
 
 
 def test_layer_sigma_is_proportional_to_mean_abs_weight():
@@ -228,7 +232,8 @@ def run_main(model_dir, out_dir, *flags):
                     "--dtype", "float32", "--population-size", "8", "--show", "0", *flags])
 
 
-FLAGS = ["--sigma", "0.01", "--lr", "1e-3"]
+# the tiny model's settings: z-scores and the paper's 2 prompts (the defaults are centered ranks, 8 prompts)
+FLAGS = ["--sigma", "0.01", "--lr", "1e-3", "--shaping", "zscore", "--train-prompts", "2"]
 
 
 def test_short_conciseness_run_improves_held_out_reward_and_the_checkpoint_replays_it(counter_dir, tmp_path):
