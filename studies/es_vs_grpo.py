@@ -262,7 +262,7 @@ def rung_argv(spec):
             "--batch-size", str(spec["batch_size"]), "--max-new-tokens", str(spec["max_new_tokens"]),
             "--seed", str(spec["seed"]), "--out-dir", spec["out_dir"], "--save-every", "0", "--checkpoint", "final",
             "--show", "0", "--train-prompts", "2"] + (["--model", spec["model"]] if spec["model"] else [])
-    # every method trains on the paper's 2 prompts (the defaults of rungs 5 and 6 are 8)
+    # every method trains on the paper's 2 prompts (the defaults of rungs 5-7 are 8)
     if spec["method"] != "grpo":  # GRPO's worker parses these flags for the task only
         argv += ["--sigma", repr(spec["sigma"]), "--lr", repr(spec["lr"])]
     if spec["method"] == "es":  # rung 5 with one global sigma, as Qiu et al. (its default is per tensor)
