@@ -180,12 +180,16 @@ def test_defaults_are_this_rungs_own_and_layer_sigma_is_on_by_default(argv, expe
     assert (args.layer_sigma, args.sigma, args.lr) == expected
     # RESULTS.md, Rung 7: 8 training prompts and centered ranks at 3x rung 5's lr kept the promise on seeds 3-9
     assert (args.train_prompts, args.shaping) == (8, "centered_rank")
-    for dtype in ("float32", "bfloat16"):  # one shaping and lr for both dtypes (rung 5 has two)
-        assert (es.parse_args(["--dtype", dtype]).shaping, es.parse_args(["--dtype", dtype]).lr) == ("centered_rank", 2.4e-5)
-    # bfloat16's noisier answers get 16 members (RESULTS.md, Rung 7), unless typed
-    sizes = [es.parse_args(argv).population_size for argv in (["--dtype", "float32"], ["--dtype", "bfloat16"],
-                                                              ["--dtype", "bfloat16", "--population-size", "8"])]
-    assert sizes == [8, 16, 8]
+
+
+def test_bfloat16_gets_16_members_and_the_same_shaping_and_lr_unless_typed():
+    # bfloat16's noisier answers get 16 members (RESULTS.md, Rung 7); one shaping and lr for both (rung 5 has two)
+    chosen = {}
+    for argv in (["--dtype", "float32"], ["--dtype", "bfloat16"], ["--dtype", "bfloat16", "--population-size", "8"]):
+        args = es.parse_args(argv)
+        chosen[" ".join(argv[1:])] = (args.population_size, args.shaping, args.lr)
+    assert chosen == {"float32": (8, "centered_rank", 2.4e-5), "bfloat16": (16, "centered_rank", 2.4e-5),
+                      "bfloat16 --population-size 8": (8, "centered_rank", 2.4e-5)}
 
 
 def test_layer_sigma_is_proportional_to_mean_abs_weight():
